@@ -1,0 +1,45 @@
+# The one entry point for people, CI and hooks.
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= config.yaml
+
+.PHONY: install run demo test test-fast lint format bench check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/mqi-async run -c $(CONFIG)
+
+demo: install
+	$(BIN)/mqi-async demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check mqi_async tests
+	$(BIN)/ruff format --check mqi_async tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: install
+	$(BIN)/ruff format mqi_async tests
+	$(BIN)/ruff check --fix mqi_async tests
+
+bench: install
+	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider -o addopts="" --timeout=1800
+
+check: lint test
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

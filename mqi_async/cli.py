@@ -1,0 +1,183 @@
+"""The `mqi-async` command line: run, demo, status, retry, cancel, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mqi_async import __version__
+from mqi_async.config import Settings, effective_config, load_settings
+from mqi_async.domain.errors import ConfigError, DatabaseError, MqiError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mqi-async",
+        description="Log-based Monte Carlo dose checks for proton therapy, hands-off.",
+    )
+    p.add_argument("--version", action="version", version=f"mqi-async {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=Path("config.yaml"),
+            help="config file (default: ./config.yaml)",
+        )
+
+    run = sub.add_parser("run", help="run the service (TUI, or JSON logs with --no-ui)")
+    with_config(run)
+    run.add_argument("--no-ui", action="store_true", help="headless: JSON log lines on stdout")
+
+    demo = sub.add_parser("demo", help="run the service on a simulated GPU host with sample cases")
+    demo.add_argument("--workdir", type=Path, default=None, help="folder for the demo's data")
+    demo.add_argument("--cases", type=int, default=4, help="number of sample cases (default 4)")
+    demo.add_argument("--beams", type=int, default=3, help="treatment beams per case (default 3)")
+    demo.add_argument("--gpus", type=int, default=4, help="simulated GPUs (default 4)")
+    demo.add_argument("--no-ui", action="store_true", help="headless: JSON log lines on stdout")
+    demo.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="stop when every case has finished; exit 0 only if all completed",
+    )
+
+    status = sub.add_parser("status", help="cases and beams from the database")
+    with_config(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for name, what in (("retry", "retry a case"), ("cancel", "cancel a case")):
+        sp = sub.add_parser(name, help=f"ask the running (or next) service to {what}")
+        sp.add_argument("case_id", metavar="CASE_ID")
+        with_config(sp)
+
+    check = sub.add_parser("check-config", help="validate the config; print it, secrets masked")
+    with_config(check)
+    return p
+
+
+def _err(message: str) -> None:
+    print(f"mqi-async: {message}", file=sys.stderr)
+
+
+def _load(path: Path) -> Settings:
+    return load_settings(path if path.exists() or path != Path("config.yaml") else None)
+
+
+def _check_config(path: Path) -> int:
+    from mqi_async.domain.tps import unread_keys
+
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        print(f"{len(exc.problems)} problem(s) in {path}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(yaml.safe_dump(effective_config(settings), sort_keys=False), end="")
+    for key in unread_keys(settings.moqui):
+        print(
+            f"warning: moqui.{key}: MOQUI never reads this key; it has no effect", file=sys.stderr
+        )
+    return EXIT_OK
+
+
+def _status_table(cases: list[dict[str, Any]]) -> str:
+    if not cases:
+        return "no cases"
+    lines = [f"{'CASE':<24} {'ROOM':<4} {'STATUS':<15} {'PROG':>4}  BEAMS  ERROR"]
+    for c in cases:
+        beams = c["beams"]
+        done = sum(1 for b in beams if b["status"] == "completed")
+        lines.append(
+            f"{str(c['case_id'])[:24]:<24} {c['room'] or '-':<4} {c['status']:<15} "
+            f"{c['progress']:>3}%  {done}/{len(beams):<4} {c['error'] or ''}"
+        )
+        for b in beams:
+            gpus = ",".join(b["gpus"]) if b["gpus"] else "-"
+            lines.append(
+                f"  {str(b['beam_id'])[:30]:<30} #{b['beam_number']:<3} {b['status']:<12} "
+                f"{b['progress']:>3}%  host={b['host'] or '-'} gpus={gpus} "
+                f"attempts={b['attempts']} {b['error'] or ''}"
+            )
+    return "\n".join(lines)
+
+
+async def _status(settings: Settings, as_json: bool) -> int:
+    from mqi_async.store.db import read_status_snapshot
+
+    cases = [c.as_dict() for c in await read_status_snapshot(settings.database)]
+    if as_json:
+        print(json.dumps({"cases": cases}, ensure_ascii=False))
+    else:
+        print(_status_table(cases))
+    return EXIT_OK
+
+
+async def _request(settings: Settings, kind: str, case_id: str) -> int:
+    from mqi_async.domain.records import CommandKind
+    from mqi_async.store.db import submit_command
+
+    command = await submit_command(settings.database, CommandKind(kind), case_id)
+    if command is None:
+        _err(f"unknown case {case_id!r}; `mqi-async status` lists the cases")
+        return EXIT_FAILURE
+    print(
+        f"{kind} of case {case_id} recorded (request {command.command_id}); the service applies it"
+    )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.config)
+    if args.command == "demo":
+        from mqi_async.demo.runner import DemoOptions, run_demo
+
+        return run_demo(
+            DemoOptions(
+                workdir=args.workdir,
+                cases=args.cases,
+                beams=args.beams,
+                gpus=args.gpus,
+                headless=args.no_ui,
+                exit_when_done=args.exit_when_done,
+            )
+        )
+    try:
+        settings = _load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _err(f"config: {problem}")
+        return EXIT_CONFIG
+    try:
+        if args.command == "status":
+            return asyncio.run(_status(settings, args.json))
+        if args.command in ("retry", "cancel"):
+            return asyncio.run(_request(settings, args.command, args.case_id))
+        if args.command == "run":
+            from mqi_async.service import run_service
+
+            return run_service(settings, headless=args.no_ui)
+    except DatabaseError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG if exc.code == "already_running" else EXIT_FAILURE
+    except MqiError as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_FAILURE

@@ -1,0 +1,404 @@
+"""The service's settings: config.yaml plus `MQI_<SECTION>__<KEY>` environment overrides, strictly checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mqi_async.domain.errors import ConfigError
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+ArgvTemplate = list[str]
+
+#: keys computed per beam; a `moqui:` entry with one of these names is an error
+COMPUTED_TPS_KEYS = frozenset(
+    {
+        "gpuid",
+        "parentdir",
+        "dicomdir",
+        "dicompath",
+        "logfilepath",
+        "outputdir",
+        "beamnumbers",
+        "gantrynum",
+    }
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestSettings(_Section):
+    ready_marker: str = "_CASE_READY"
+    force_polling: bool = False
+    rescan_seconds: PositiveSeconds = 60
+    fraction_window_minutes: Annotated[float, Field(ge=0)] = 60
+    #: polling interval when polling (network shares); milliseconds
+    poll_delay_ms: Annotated[int, Field(ge=10, le=60_000)] = 300
+
+
+class _HostBase(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
+    moqui_command: list[str] | str | None = None
+    nvidia_smi_command: str = "nvidia-smi"
+    #: GPUs this service may use on the host, by index; None = all
+    gpu_indices: list[int] | None = None
+
+    @field_validator("moqui_command")
+    @classmethod
+    def _argv(cls, v: list[str] | str | None) -> list[str] | None:
+        # a plain string is one executable path, never a shell command line
+        if isinstance(v, str):
+            return [v]
+        if v is not None and not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+class SimulatedHostSettings(_HostBase):
+    kind: Literal["simulated"]
+    gpus: Annotated[int, Field(ge=1, le=64)] = 4
+    #: seconds the MOQUI simulator runs per beam
+    run_seconds: Annotated[float, Field(ge=0)] = 3.0
+    gpu_memory_mb: Annotated[int, Field(ge=1)] = 24576
+
+
+class LocalHostSettings(_HostBase):
+    kind: Literal["local"]
+    remote_root: Path = Path("data/runs")
+
+
+class _SshFields(_HostBase):
+    address: Annotated[str, Field(min_length=1)]
+    port: Port = 22
+    username: str | None = None
+    client_keys: list[Path] | None = None
+    passphrase: SecretStr | None = None
+    password: SecretStr | None = None
+    #: a path, or the string "ignore" to disable host key checks (logged loudly)
+    known_hosts: str | None = "~/.ssh/known_hosts"
+    remote_root: Annotated[str, Field(min_length=1)]
+    max_sessions: Annotated[int, Field(ge=1, le=1024)] = 8
+    connect_timeout_seconds: PositiveSeconds = 15
+    command_timeout_seconds: PositiveSeconds = 60
+    keepalive_seconds: PositiveSeconds = 15
+
+    @field_validator("remote_root")
+    @classmethod
+    def _absolute_remote_root(cls, v: str) -> str:
+        if not v.startswith(("/", "~")):
+            raise ValueError("must be an absolute path on the host (or start with ~)")
+        return v
+
+
+class SshHostSettings(_SshFields):
+    kind: Literal["ssh"]
+
+
+class SlurmHostSettings(_SshFields):
+    kind: Literal["slurm"]
+    partition: str | None = None
+    gres: str | None = None
+    sbatch_args: list[str] = []
+    max_jobs: Annotated[int, Field(ge=1)] = 16
+    time_limit: str = "02:00:00"
+
+
+HostSettings = Annotated[
+    SimulatedHostSettings | LocalHostSettings | SshHostSettings | SlurmHostSettings,
+    Field(discriminator="kind"),
+]
+
+
+class ToolsSettings(_Section):
+    #: argv list with {case_dir} {csv_dir}; None = the bundled simulator
+    interpreter: ArgvTemplate | None = None
+    interpreter_timeout_seconds: PositiveSeconds = 1800
+    #: "builtin" or an argv list with {input} {output_dir}
+    raw_to_dicom: Literal["builtin"] | ArgvTemplate = "builtin"
+    raw_to_dicom_timeout_seconds: PositiveSeconds = 600
+    #: argv list run once per completed case; {case_dir} {work_dir} {dose_dir} {case_id}
+    postprocess: ArgvTemplate | None = None
+    postprocess_timeout_seconds: PositiveSeconds = 1800
+    #: concurrent local CPU tools; None = the CPU count
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("interpreter", "postprocess")
+    @classmethod
+    def _non_empty(cls, v: ArgvTemplate | None) -> ArgvTemplate | None:
+        if v is not None and not v:
+            raise ValueError("must be null or a non-empty argv list")
+        return v
+
+
+class GpuSettings(_Section):
+    poll_seconds: PositiveSeconds = 10
+    min_free_memory_mb: Annotated[int, Field(ge=0)] = 1000
+    allocation: Literal["per_beam", "all_gpus"] = "per_beam"
+    #: a sample older than this many poll intervals is stale: its GPUs are not free
+    stale_after_polls: Annotated[float, Field(ge=1)] = 3
+
+
+class RunsSettings(_Section):
+    poll_seconds: PositiveSeconds = 1
+    timeout_seconds: PositiveSeconds = 7200
+
+
+class RetrySettings(_Section):
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    backoff_initial_seconds: Annotated[float, Field(ge=0)] = 5
+    backoff_max_seconds: Annotated[float, Field(ge=0)] = 300
+
+
+class UiSettings(_Section):
+    refresh_hz: Annotated[float, Field(gt=0, le=30)] = 2
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    directory: Path = Path("data/logs")
+    max_file_mb: Annotated[int, Field(ge=1)] = 20
+    backup_count: Annotated[int, Field(ge=0)] = 5
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+def _default_moqui() -> dict[str, str | int | float | bool]:
+    return {
+        "RandomSeed": -1932780356,
+        "UseAbsolutePath": True,
+        "TotalThreads": -1,
+        "MaxHistoriesPerBatch": 10000000,
+        "UsingPhantomGeo": True,
+        "TwoCentimeterMode": False,
+        "PhantomDimX": 100,
+        "PhantomDimY": 100,
+        "PhantomDimZ": 100,
+        "PhantomUnitX": 1,
+        "PhantomUnitY": 1,
+        "PhantomUnitZ": 1,
+        "PhantomPositionX": -50,
+        "PhantomPositionY": -50,
+        "PhantomPositionZ": -50,
+        "Scorer": "Dose",
+        "SupressStd": True,
+        "ReadStructure": False,
+        "BodyContourName": "External",
+        "SourceType": "FluenceMap",
+        "SimulationType": "perBeam",
+        "ParticlesPerHistory": 1,
+        "ScoreToCTGrid": True,
+        "OutputFormat": "raw",
+        "OverwriteResults": False,
+    }
+
+
+def _default_hosts() -> list[HostSettings]:
+    return [SimulatedHostSettings(kind="simulated", name="sim")]
+
+
+class Settings(BaseSettings):
+    """The whole configuration; built by `load_settings`, frozen afterwards."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MQI_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    scan_directory: Path = Path("data/incoming")
+    work_directory: Path = Path("data/work")
+    database: Path = Path("data/mqi.db")
+    ingest: IngestSettings = IngestSettings()
+    hosts: list[HostSettings] = Field(default_factory=_default_hosts)
+    tools: ToolsSettings = ToolsSettings()
+    gpu: GpuSettings = GpuSettings()
+    runs: RunsSettings = RunsSettings()
+    moqui: dict[str, str | int | float | bool] = Field(default_factory=_default_moqui)
+    retry: RetrySettings = RetrySettings()
+    ui: UiSettings = UiSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    #: folder of the config file; relative paths were resolved against it
+    config_dir: Path = Field(default=Path("."), exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the YAML file arrives as init kwargs; environment variables override it
+        return (env_settings, init_settings)
+
+    @field_validator("hosts")
+    @classmethod
+    def _unique_hosts(cls, v: list[HostSettings]) -> list[HostSettings]:
+        names = [h.name for h in v]
+        if not v:
+            raise ValueError("at least one host is needed")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"host names must be unique: {', '.join(dupes)}")
+        return v
+
+    @field_validator("moqui")
+    @classmethod
+    def _moqui_keys(
+        cls, v: dict[str, str | int | float | bool]
+    ) -> dict[str, str | int | float | bool]:
+        for key, value in v.items():
+            if not key or any(c.isspace() or c == "#" for c in key):
+                raise ValueError(f"{key!r}: a key must be one word without '#'")
+            if key.lower() in COMPUTED_TPS_KEYS:
+                raise ValueError(f"{key}: computed per beam by the service; remove it")
+            # MOQUI aborts on an empty value and cuts everything after '#'
+            text = str(value)
+            if not text.strip() or "#" in text or "\n" in text or "\r" in text:
+                raise ValueError(f"{key}: value must be non-empty, one line, without '#'")
+        return v
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Settings:
+        if self.retry.backoff_max_seconds < self.retry.backoff_initial_seconds:
+            raise ValueError("retry.backoff_max_seconds must be >= retry.backoff_initial_seconds")
+        return self
+
+    @property
+    def lock_path(self) -> Path:
+        return self.database.with_name(self.database.name + ".lock")
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    skip_next_kind = False
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            skip_next_kind = True
+            continue
+        if skip_next_kind and item in ("simulated", "local", "ssh", "slurm"):
+            # pydantic puts the discriminator tag in the location; users never wrote it
+            skip_next_kind = False
+            continue
+        skip_next_kind = False
+        parts.append(("." if parts else "") + item)
+    return "".join(parts) or "(top level)"
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        path = _loc_to_path(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        else:
+            lines.append(f"{path}: {err['msg']}")
+    return lines
+
+
+def _resolve(path: Path, base: Path) -> Path:
+    p = path.expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _resolve_paths(s: Settings, base: Path) -> Settings:
+    hosts: list[HostSettings] = []
+    for h in s.hosts:
+        if isinstance(h, LocalHostSettings):
+            hosts.append(h.model_copy(update={"remote_root": _resolve(h.remote_root, base)}))
+        elif isinstance(h, SshHostSettings | SlurmHostSettings):
+            update: dict[str, Any] = {}
+            if h.client_keys is not None:
+                update["client_keys"] = [_resolve(k, base) for k in h.client_keys]
+            if h.known_hosts not in (None, "ignore"):
+                update["known_hosts"] = str(_resolve(Path(h.known_hosts), base))
+            hosts.append(h.model_copy(update=update))
+        else:
+            hosts.append(h)
+    return s.model_copy(
+        update={
+            "scan_directory": _resolve(s.scan_directory, base),
+            "work_directory": _resolve(s.work_directory, base),
+            "database": _resolve(s.database, base),
+            "logging": s.logging.model_copy(
+                update={"directory": _resolve(s.logging.directory, base)}
+            ),
+            "hosts": hosts,
+            "config_dir": base,
+        }
+    )
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read, validate and resolve the config; raise ConfigError listing every problem.
+
+    `path=None` uses the defaults (and the environment) with paths relative to the cwd.
+    """
+    data: Any = {}
+    base = Path.cwd()
+    if path is not None:
+        path = path.expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read the config file ({exc.strerror})"]) from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML ({exc})".replace("\n", " ")]) from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of keys"])
+        base = path.resolve().parent
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc)) from exc
+    except (ValueError, TypeError) as exc:
+        # e.g. an environment override that is not valid JSON for a complex key
+        raise ConfigError([f"environment: {exc}".replace("\n", " ")]) from exc
+    return _resolve_paths(settings, base)
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "********" if value.get_secret_value() else ""
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with every secret masked, for check-config and logs."""
+    raw = settings.model_dump(mode="python", exclude={"config_dir"})
+    return dict(_mask(raw))

@@ -1,0 +1,1 @@
+"""demo layer of mqi_async."""

@@ -1,0 +1,152 @@
+"""`mqi-async demo`: the real service on a simulated GPU host, fed generated sample cases."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from mqi_async.config import (
+    GpuSettings,
+    IngestSettings,
+    LoggingSettings,
+    RetrySettings,
+    RunsSettings,
+    Settings,
+    SimulatedHostSettings,
+)
+from mqi_async.demo.cases import CaseSpec, write_case
+from mqi_async.domain.model import CaseStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoOptions:
+    workdir: Path | None
+    cases: int
+    beams: int
+    gpus: int
+    headless: bool
+    exit_when_done: bool
+    #: seconds between two sample cases arriving
+    arrival_gap_s: float = 2.0
+    #: seconds the MOQUI simulator runs per beam
+    run_seconds: float = 2.0
+
+
+def demo_settings(workdir: Path, options: DemoOptions) -> Settings:
+    """A complete config for the demo: everything under `workdir`, one simulated host."""
+    return Settings(
+        scan_directory=workdir / "incoming",
+        work_directory=workdir / "work",
+        database=workdir / "mqi.db",
+        ingest=IngestSettings(rescan_seconds=10),
+        hosts=[
+            SimulatedHostSettings(
+                kind="simulated", name="sim", gpus=options.gpus, run_seconds=options.run_seconds
+            )
+        ],
+        gpu=GpuSettings(poll_seconds=2),
+        runs=RunsSettings(poll_seconds=0.5, timeout_seconds=300),
+        retry=RetrySettings(max_attempts=3, backoff_initial_seconds=1, backoff_max_seconds=10),
+        logging=LoggingSettings(directory=workdir / "logs"),
+        config_dir=workdir,
+    )
+
+
+def _spec(i: int, options: DemoOptions, now: datetime) -> CaseSpec:
+    return CaseSpec(
+        case_id=f"DEMO{i:04d}",
+        beams=options.beams,
+        layers_per_beam=2,
+        room="G1" if i % 2 else "G2",
+        nested=i % 2 == 1,
+        # delivered two hours ago, so the fraction window is closed and the case runs now
+        first_delivery_at=(now - timedelta(hours=2)).replace(tzinfo=None, microsecond=0),
+        seed=i,
+    )
+
+
+async def feed_cases(scan_directory: Path, options: DemoOptions) -> None:
+    """Drop the sample cases into the scan directory one by one, marker last."""
+    now = datetime.now().astimezone()
+    for i in range(1, options.cases + 1):
+        await asyncio.to_thread(
+            write_case, scan_directory, _spec(i, options, now), marker_last=True
+        )
+        log.info("demo: case %d of %d arrived", i, options.cases)
+        if i < options.cases:
+            await asyncio.sleep(options.arrival_gap_s)
+
+
+async def _run(settings: Settings, options: DemoOptions) -> int:
+    from mqi_async.service import open_service, run_until_stopped
+
+    outcome = {"all_completed": False}
+    async with open_service(settings) as service:
+
+        async def driver() -> None:
+            await service.engine.ready.wait()
+            await feed_cases(settings.scan_directory, options)
+            if not options.exit_when_done:
+                return
+            while True:
+                await asyncio.sleep(0.5)
+                cases = await service.store.case_statuses()
+                if len(cases) >= options.cases and all(s.is_terminal for s in cases.values()):
+                    outcome["all_completed"] = all(
+                        s == CaseStatus.COMPLETED for s in cases.values()
+                    )
+                    service.request_stop()
+                    return
+
+        ui = None
+        if not options.headless:
+            from mqi_async.ui.app import run_dashboard
+
+            ui = run_dashboard
+
+        async def with_driver(svc: object) -> None:
+            task = asyncio.create_task(driver())
+            try:
+                if ui is not None:
+                    await ui(service)
+                else:
+                    await asyncio.Event().wait()
+            finally:
+                task.cancel()
+
+        await run_until_stopped(service, with_driver)
+    if options.exit_when_done:
+        return 0 if outcome["all_completed"] else 1
+    return 0
+
+
+def run_demo(options: DemoOptions) -> int:
+    from mqi_async.log import configure_logging, remove_handlers
+
+    workdir = options.workdir or Path(tempfile.mkdtemp(prefix="mqi-demo-"))
+    workdir = workdir.expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = demo_settings(workdir, options)
+    handlers = configure_logging(
+        level="INFO",
+        directory=settings.logging.directory,
+        stdout=sys.stdout if options.headless else None,
+    )
+    try:
+        started = datetime.now(UTC)
+        code = asyncio.run(_run(settings, options))
+        log.info(
+            "demo finished in %.1f s; data in %s",
+            (datetime.now(UTC) - started).total_seconds(),
+            workdir,
+        )
+        return code
+    finally:
+        remove_handlers(handlers)

@@ -1,0 +1,238 @@
+"""Named failures: every error a user can meet has a code, a kind and a sentence saying what to do.
+
+MqiError(code, detail)
+ ├── ConfigError                  bad config file or environment override
+ ├── IllegalTransitionError       a bug: a status change the tables forbid
+ ├── DatabaseError                damaged or locked database
+ ├── IngestError                  a case's files are broken (permanent for that case)
+ ├── TransientError               may succeed later; retried with backoff
+ │    └── HostUnavailableError    the host cannot be reached; its beams pause
+ └── PermanentError               retrying cannot help
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class FailureKind(StrEnum):
+    TRANSIENT = "transient"  # retry with backoff, counts against retry.max_attempts
+    PERMANENT = "permanent"  # fail now
+    PAUSE = "pause"  # host-level; beams wait without using attempts
+
+
+@dataclass(frozen=True, slots=True)
+class FailureInfo:
+    kind: FailureKind
+    advice: str
+
+
+_T, _P, _H = FailureKind.TRANSIENT, FailureKind.PERMANENT, FailureKind.PAUSE
+
+#: code -> what kind of failure it is and what the user should do about it.
+FAILURES: dict[str, FailureInfo] = {
+    # ingest and plan resolution
+    "missing_rtplan": FailureInfo(
+        _P, "Put the RTPLAN (.dcm, Modality RTPLAN) in the case folder, then retry."
+    ),
+    "rtplan_parse_failed": FailureInfo(
+        _P, "The RTPLAN file is not readable DICOM; re-export it from the TPS, then retry."
+    ),
+    "not_ion_plan": FailureInfo(
+        _P, "The plan has no proton (ion) beams; only RT Ion Plans can be simulated."
+    ),
+    "zero_expected_beams": FailureInfo(
+        _P, "The RTPLAN has no treatment beams (only setup beams); check the export."
+    ),
+    "missing_deliveries": FailureInfo(
+        _P, "No delivery folder (PlanInfo.txt or *.ptn) was found; check the log transfer."
+    ),
+    "planinfo_invalid": FailureInfo(
+        _P, "A PlanInfo.txt is unreadable or lacks a required key; re-send the delivery logs."
+    ),
+    "patient_id_mismatch": FailureInfo(
+        _P,
+        "A delivery's DICOM_PATIENT_ID differs from the RTPLAN's PatientID; the logs belong to another patient.",
+    ),
+    "unresolved_folders": FailureInfo(
+        _P,
+        "Some delivery folders match no RTPLAN beam; check DICOM_BEAM_NUMBER in PlanInfo.txt, then retry.",
+    ),
+    "duplicate_beam_delivery": FailureInfo(
+        _P, "A fraction holds the same beam twice; remove the interrupted delivery, then retry."
+    ),
+    "missing_delivery_timestamp": FailureInfo(
+        _P, "A delivery has no TCSC_IRRAD_DATETIME and its folder name is not a timestamp."
+    ),
+    "no_reference_fraction": FailureInfo(
+        _P, "No fraction could serve as the reference; check that the deliveries match the plan."
+    ),
+    "beam_count_mismatch": FailureInfo(
+        _P, "The reference fraction's beams do not match the plan's treatment beams."
+    ),
+    "unknown_machine": FailureInfo(
+        _P,
+        "TreatmentMachineName names neither gantry 1 nor gantry 2 (e.g. G1, GTR2); fix the plan.",
+    ),
+    # local tools
+    "tool_missing": FailureInfo(
+        _P, "A configured tool does not exist or is not executable; fix `tools:` in the config."
+    ),
+    "interpreter_failed": FailureInfo(
+        _T, "The interpreter exited non-zero; its log in the case's work folder says why."
+    ),
+    "interpreter_timeout": FailureInfo(
+        _T, "The interpreter ran past tools.interpreter_timeout_seconds; raise it for large cases."
+    ),
+    "interpreter_no_output": FailureInfo(
+        _P, "The interpreter wrote no CSV files; check the delivery logs and its log."
+    ),
+    "dose_conversion_failed": FailureInfo(
+        _T, "Converting raw dose to RT Dose failed; see the beam's log."
+    ),
+    "dicom_invalid": FailureInfo(
+        _T, "MOQUI's DICOM output is not a valid RT Dose; see the beam's log."
+    ),
+    "postprocess_failed": FailureInfo(
+        _T, "The post-processing command failed; the dose is still valid. See its log."
+    ),
+    # hosts and transfers
+    "host_unreachable": FailureInfo(
+        _H, "The GPU host does not answer; its beams wait and resume when it is back."
+    ),
+    "host_key_mismatch": FailureInfo(
+        _H, "The host key differs from known_hosts; verify the server, then update known_hosts."
+    ),
+    "auth_failed": FailureInfo(
+        _H, "SSH login was refused; check username and client_keys for this host."
+    ),
+    "transfer_failed": FailureInfo(
+        _T, "A file transfer broke off; it resumes on the next attempt."
+    ),
+    "transfer_verify_failed": FailureInfo(
+        _T, "A transferred file's size or SHA-256 did not match; it is sent again."
+    ),
+    "disk_full": FailureInfo(
+        _T, "A disk is full (local or remote); free space, the beam is retried."
+    ),
+    "remote_command_failed": FailureInfo(
+        _T, "A command on the host failed; see the log line for its stderr."
+    ),
+    "remote_timeout": FailureInfo(
+        _T, "A command on the host did not answer in time; it is retried."
+    ),
+    # MOQUI runs (moqui_exit_<N> and moqui_signal_<NAME> are built by run_failure_code)
+    "moqui_exit": FailureInfo(_T, "MOQUI exited non-zero; the beam's moqui.log says why."),
+    "moqui_signal": FailureInfo(_T, "MOQUI was killed by a signal; the beam's moqui.log says why."),
+    "missing_output": FailureInfo(
+        _T, "MOQUI exited 0 but wrote no dose file; see the beam's moqui.log."
+    ),
+    "short_output": FailureInfo(
+        _T, "A dose file is smaller than the phantom grid needs; MOQUI could not write it fully."
+    ),
+    "run_timeout": FailureInfo(
+        _T, "MOQUI ran past runs.timeout_seconds and was killed; raise it for large beams."
+    ),
+    "run_lost": FailureInfo(
+        _T, "The MOQUI process vanished without an exit code (host reboot?); the beam is retried."
+    ),
+    "launch_failed": FailureInfo(
+        _T, "MOQUI could not be started on the host; check moqui_command."
+    ),
+    "moqui_input_invalid": FailureInfo(
+        _P, "MOQUI rejected moqui_tps.in; this is a service bug, please report it."
+    ),
+    # operator and service
+    "cancelled": FailureInfo(
+        _P, "Cancelled by an operator; `mqi-async retry CASE_ID` starts it again."
+    ),
+    "retries_exhausted": FailureInfo(
+        _P, "Every attempt failed; fix the cause in the last error, then `mqi-async retry CASE_ID`."
+    ),
+    "internal_error": FailureInfo(
+        _P, "An unexpected error; the service log has the traceback. Please report it."
+    ),
+    "database_damaged": FailureInfo(
+        _P, "The database failed its integrity check; restore a backup or move it aside."
+    ),
+    "already_running": FailureInfo(
+        _P, "Another mqi-async service uses this database; stop it first."
+    ),
+}
+
+
+def failure_info(code: str) -> FailureInfo:
+    """The registry entry for a code; `moqui_exit_134` resolves to `moqui_exit`."""
+    if code in FAILURES:
+        return FAILURES[code]
+    for prefix in ("moqui_exit", "moqui_signal"):
+        if code.startswith(prefix + "_"):
+            return FAILURES[prefix]
+    return FAILURES["internal_error"]
+
+
+class MqiError(Exception):
+    """Base of all named failures; `str()` is `code: detail`."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        self.code = code
+        self.detail = detail or failure_info(code).advice
+        super().__init__(f"{code}: {self.detail}")
+
+    @property
+    def kind(self) -> FailureKind:
+        return failure_info(self.code).kind
+
+    @property
+    def advice(self) -> str:
+        return failure_info(self.code).advice
+
+
+class ConfigError(MqiError):
+    """The config is invalid; `problems` holds one line per key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("config_invalid", "; ".join(problems))
+
+
+class IllegalTransitionError(MqiError):
+    def __init__(self, what: str, current: str, new: str) -> None:
+        super().__init__("internal_error", f"illegal {what} transition {current} -> {new}")
+
+
+class DatabaseError(MqiError):
+    pass
+
+
+class IngestError(MqiError):
+    """A case's input is broken; the case fails with this code."""
+
+
+class TransientError(MqiError):
+    pass
+
+
+class HostUnavailableError(TransientError):
+    """The host cannot be reached (or refuses us); callers pause, never hang."""
+
+    def __init__(self, host: str, code: str = "host_unreachable", detail: str = "") -> None:
+        self.host = host
+        super().__init__(code, f"host {host}: {detail or failure_info(code).advice}")
+
+
+class PermanentError(MqiError):
+    pass
+
+
+def run_failure_code(exit_code: int | None, signal_name: str | None = None) -> str:
+    """Name a failed MOQUI exit: `moqui_exit_134`, `moqui_signal_KILL`."""
+    if signal_name:
+        return f"moqui_signal_{signal_name.removeprefix('SIG')}"
+    return f"moqui_exit_{exit_code}"
+
+
+def format_error(code: str, detail: str = "") -> str:
+    """The text stored in `error` columns: the code first, then a human sentence."""
+    return f"{code}: {detail or failure_info(code).advice}"

@@ -1,0 +1,161 @@
+"""Pure scheduling rules: which GPUs are free, which to lease, retry backoff, MOQUI progress."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from mqi_async.domain.errors import FailureKind, failure_info
+from mqi_async.domain.gpus import GpuInfo, GpuSample
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuPolicy:
+    min_free_memory_mb: int
+    #: a sample older than this is stale: nothing on it counts as free
+    max_sample_age_s: float
+    #: "per_beam" or "all_gpus"
+    allocation: str
+    #: GPU indices the service may use (None = all)
+    allowed_indices: frozenset[int] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuChoice:
+    """GPUs to lease for one beam, in index order."""
+
+    host: str
+    gpus: tuple[GpuInfo, ...]
+
+    @property
+    def uuids(self) -> tuple[str, ...]:
+        return tuple(g.uuid for g in self.gpus)
+
+
+def free_gpus(
+    sample: GpuSample,
+    *,
+    leased: frozenset[str],
+    released_at: Mapping[str, datetime],
+    policy: GpuPolicy,
+    now: datetime,
+) -> list[GpuInfo]:
+    """GPUs of a sample that a new beam may use now.
+
+    A GPU is free when no lease holds it, its sample is fresh, it has enough free memory,
+    and no compute process runs on it. A GPU released at time T counts only in a sample
+    taken after T, so our own just-finished process is never mistaken for a foreign one.
+    """
+    if (now - sample.taken_at).total_seconds() > policy.max_sample_age_s:
+        return []
+    busy = {a.gpu_uuid for a in sample.apps}
+    out = []
+    for g in sample.gpus:
+        if policy.allowed_indices is not None and g.index not in policy.allowed_indices:
+            continue
+        if g.uuid in leased or g.uuid in busy:
+            continue
+        if g.memory_free_mb < policy.min_free_memory_mb:
+            continue
+        freed = released_at.get(g.uuid)
+        if freed is not None and sample.taken_at <= freed:
+            continue
+        out.append(g)
+    return sorted(out, key=lambda g: g.index)
+
+
+def choose_gpus(
+    sample: GpuSample,
+    *,
+    leased: frozenset[str],
+    released_at: Mapping[str, datetime],
+    policy: GpuPolicy,
+    now: datetime,
+) -> GpuChoice | None:
+    """The GPUs one beam gets on this host, or None when it must wait."""
+    free = free_gpus(sample, leased=leased, released_at=released_at, policy=policy, now=now)
+    if not free:
+        return None
+    if policy.allocation == "all_gpus":
+        usable = [
+            g
+            for g in sample.gpus
+            if policy.allowed_indices is None or g.index in policy.allowed_indices
+        ]
+        # serial multi-GPU: only when the whole host is idle in nvidia-smi and unleased
+        if len(free) != len(usable):
+            return None
+        return GpuChoice(host=sample.host, gpus=tuple(free))
+    return GpuChoice(host=sample.host, gpus=(free[0],))
+
+
+def backoff_s(
+    failures: int, *, initial_s: float, max_s: float, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with full jitter in [0.5, 1.0] of the step, capped at max_s."""
+    if failures <= 0 or initial_s <= 0:
+        return 0.0
+    step = min(max_s, initial_s * 2.0 ** (failures - 1))
+    jitter = (rng or random.Random()).uniform(0.5, 1.0)
+    return step * jitter
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryDecision:
+    retry: bool
+    not_before: datetime | None
+    #: the code the beam fails with when `retry` is False
+    final_code: str
+
+
+def decide_retry(
+    code: str,
+    *,
+    attempts_used: int,
+    max_attempts: int,
+    now: datetime,
+    initial_s: float,
+    max_s: float,
+    rng: random.Random | None = None,
+) -> RetryDecision:
+    """Retry a transient failure with backoff while attempts remain; fail otherwise."""
+    kind = failure_info(code).kind
+    if kind == FailureKind.PERMANENT:
+        return RetryDecision(retry=False, not_before=None, final_code=code)
+    if attempts_used >= max_attempts:
+        return RetryDecision(retry=False, not_before=None, final_code=code)
+    delay = backoff_s(attempts_used, initial_s=initial_s, max_s=max_s, rng=rng)
+    return RetryDecision(retry=True, not_before=now + timedelta(seconds=delay), final_code=code)
+
+
+_BATCHES = re.compile(r"with (\d+) batches")
+_BATCH = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
+_DONE = "Time taken by MC engine:"
+
+#: beam progress (0-100) reached at each phase, before MOQUI reports its own
+RUN_PROGRESS_START = 20
+RUN_PROGRESS_END = 90
+
+
+def run_progress(log_tail: str, previous: int) -> int:
+    """Progress from MOQUI's log lines; never goes backwards."""
+    best = previous
+    total = 0
+    for m in _BATCHES.finditer(log_tail):
+        total = int(m.group(1))
+    for m in _BATCH.finditer(log_tail):
+        done, of = int(m.group(1)), int(m.group(2)) or total
+        if of > 0:
+            span = RUN_PROGRESS_END - RUN_PROGRESS_START
+            best = max(best, RUN_PROGRESS_START + int(span * min(done, of) / of))
+    if _DONE in log_tail:
+        best = max(best, RUN_PROGRESS_END)
+    return min(best, RUN_PROGRESS_END)
+
+
+def pick_host_order(samples: Sequence[GpuSample]) -> list[GpuSample]:
+    """Hosts with the most free memory first, so load spreads over several hosts."""
+    return sorted(samples, key=lambda s: -sum(g.memory_free_mb for g in s.gpus))

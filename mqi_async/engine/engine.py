@@ -1,0 +1,426 @@
+"""The engine: starts case and beam workflows from the store, applies commands, pauses hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from mqi_async.domain.errors import MqiError, format_error
+from mqi_async.domain.gpus import GpuSample
+from mqi_async.domain.jobs import JobHandle
+from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
+from mqi_async.domain.records import CommandStatus, NewCase
+from mqi_async.domain.scheduling import GpuPolicy
+from mqi_async.engine.cases import CaseSettings, CaseWorkflow
+from mqi_async.engine.pollers import GpuPoller, JobMonitor
+from mqi_async.engine.ports import CaseSource, Clock, Host, LocalTools, Store
+from mqi_async.engine.scheduler import GpuScheduler
+from mqi_async.engine.workflow import BeamWorkflow, InputUploads, WorkflowSettings
+
+log = logging.getLogger(__name__)
+
+B = BeamStatus
+C = CaseStatus
+
+#: beams whose workflow the engine drives (PENDING waits for its case, PAUSED for its host)
+DRIVEN_BEAMS = (B.UPLOADING, B.QUEUED, B.LAUNCHING, B.RUNNING, B.DOWNLOADING, B.CONVERTING)
+#: beams that may hold a GPU lease
+LEASE_HOLDERS = frozenset({B.LAUNCHING, B.RUNNING})
+DRIVEN_CASES = (C.PENDING, C.WAITING, C.INTERPRETING, C.PROCESSING, C.POSTPROCESSING)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineSettings:
+    workflow: WorkflowSettings
+    cases: CaseSettings
+    gpu_policies: Mapping[str, GpuPolicy]
+    gpu_poll_s: float
+    run_poll_s: float
+    max_jobs: Mapping[str, int]
+    dispatch_interval_s: float = 1.0
+
+
+class Engine:
+    """Owns every workflow task; the database decides what runs, so a restart is a resume."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        hosts: Mapping[str, Host],
+        tools: LocalTools,
+        source: CaseSource,
+        clock: Clock,
+        settings: EngineSettings,
+    ) -> None:
+        self._store = store
+        self._hosts = hosts
+        self._clock = clock
+        self._s = settings
+        self._wake = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        #: cases being cancelled; dispatch leaves them alone meanwhile
+        self._cancelling: set[str] = set()
+        self.host_errors: dict[str, str | None] = dict.fromkeys(hosts)
+        self.pollers = {
+            name: GpuPoller(
+                host,
+                store=store,
+                interval_s=settings.gpu_poll_s,
+                on_sample=self._on_sample,
+                on_host_error=self._on_host_error,
+            )
+            for name, host in hosts.items()
+        }
+        self.monitors = {
+            name: JobMonitor(
+                host, interval_s=settings.run_poll_s, on_host_error=self._on_host_error
+            )
+            for name, host in hosts.items()
+        }
+        self.scheduler = GpuScheduler(
+            store=store,
+            hosts=hosts,
+            policies=settings.gpu_policies,
+            clock=clock,
+            max_jobs=settings.max_jobs,
+            request_sample=lambda h: self.pollers[h].poll_now(),
+        )
+        self.cases = CaseWorkflow(
+            store=store,
+            source=source,
+            tools=tools,
+            clock=clock,
+            settings=settings.cases,
+            on_beams_ready=lambda _case_id: self.wake(),
+        )
+        self.beams = BeamWorkflow(
+            store=store,
+            hosts=hosts,
+            monitors=self.monitors,
+            scheduler=self.scheduler,
+            tools=tools,
+            clock=clock,
+            settings=settings.workflow,
+            uploads=InputUploads(),
+            on_terminal=self._on_beam_terminal,
+        )
+        self.ready = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _on_sample(self, sample: GpuSample) -> None:
+        self.host_errors[sample.host] = None
+        self.scheduler.on_sample(sample)
+
+    def _on_host_error(self, host: str, exc: MqiError) -> None:
+        if self.host_errors.get(host) != str(exc):
+            log.warning(
+                "host %s unavailable: %s", host, exc, extra={"host": host, "code": exc.code}
+            )
+        self.host_errors[host] = str(exc)
+        self.wake()
+
+    def _on_beam_terminal(self, case_id: str) -> None:
+        self._spawn(f"aggregate:{case_id}", self._aggregate(case_id))
+
+    async def _aggregate(self, case_id: str) -> None:
+        await self.cases.aggregate(case_id)
+        self.wake()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Recover, then drive workflows until cancelled; remote jobs go on without us."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            await self._recover()
+            for name in self._hosts:
+                tg.create_task(self._supervise(f"gpu poller {name}", self.pollers[name].run))
+                tg.create_task(self._supervise(f"job monitor {name}", self.monitors[name].run))
+            tg.create_task(self._supervise("scheduler", self.scheduler.run))
+            tg.create_task(self._supervise("commands", self._command_loop))
+            self.ready.set()
+            await self._dispatch_loop()
+
+    async def _supervise(self, name: str, component: Callable[[], Awaitable[None]]) -> None:
+        """Restart a crashed background component with backoff; one failure never stops the service."""
+        delay = 1.0
+        while True:
+            try:
+                await component()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "%s crashed; restarting in %.0f s", name, delay, extra={"component": name}
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    def _spawn(self, key: str, coro: Awaitable[None]) -> None:
+        if self._tg is None or key in self._tasks:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            return
+        task = self._tg.create_task(self._guard(key, coro))
+        self._tasks[key] = task
+
+    async def _guard(self, key: str, coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s crashed", key)
+            await self._fail_unexpected(key, exc)
+        finally:
+            self._tasks.pop(key, None)
+            self.wake()
+
+    async def _fail_unexpected(self, key: str, exc: Exception) -> None:
+        error = format_error("internal_error", f"{type(exc).__name__}: {exc}")
+        kind, _, ident = key.partition(":")
+        with contextlib.suppress(MqiError):
+            if kind == "beam":
+                beam = await self._store.get_beam(ident)
+                if beam and not beam.status.is_terminal:
+                    await self.scheduler.release(ident)
+                    await self._store.transition_beam(
+                        ident, B.FAILED, changes={"error": error}, message=error
+                    )
+                    self._on_beam_terminal(beam.case_id)
+            elif kind == "case":
+                case = await self._store.get_case(ident)
+                if case and not case.status.is_terminal:
+                    await self._store.transition_case(
+                        ident, C.FAILED, changes={"error": error}, message=error
+                    )
+
+    async def _recover(self) -> None:
+        """Reconcile the store with reality before anything runs."""
+        live = {b.beam_id for b in await self._store.list_beams_in(LEASE_HOLDERS | {B.PAUSED})}
+        for lease in await self._store.list_leases():
+            if lease.beam_id not in live:
+                log.info(
+                    "released leaked lease %s on %s",
+                    lease.uuid,
+                    lease.host,
+                    extra={"host": lease.host},
+                )
+                await self._store.release_leases(lease.beam_id)
+        for beam in await self._store.list_beams_in(LEASE_HOLDERS | {B.PAUSED}):
+            if beam.host:
+                self.scheduler.adopt(beam.beam_id, beam.host)
+        for case in await self._store.list_cases([C.PROCESSING]):
+            # a crash between interpretation and queueing leaves beams pending; move them on
+            for beam in await self._store.list_beams(case.case_id):
+                if beam.status == B.PENDING:
+                    await self._store.transition_beam(
+                        beam.beam_id, B.UPLOADING, message="resumed after restart"
+                    )
+            await self.cases.aggregate(case.case_id)
+        n_beams = len(await self._store.list_beams_in(DRIVEN_BEAMS))
+        n_cases = len(await self._store.list_cases(DRIVEN_CASES))
+        log.info("recovery: %d active case(s), %d active beam(s) resume", n_cases, n_beams)
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            await self._dispatch()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._s.dispatch_interval_s):
+                    await self._wake.wait()
+
+    async def _dispatch(self) -> None:
+        now = self._clock.now()
+        for case in await self._store.list_cases(DRIVEN_CASES):
+            if case.status == C.PROCESSING or case.case_id in self._cancelling:
+                continue
+            if case.status == C.WAITING and case.recheck_at and case.recheck_at > now:
+                continue
+            self._spawn(f"case:{case.case_id}", self.cases.run(case.case_id))
+        for beam in await self._store.list_beams_in([*DRIVEN_BEAMS, B.PAUSED]):
+            if beam.case_id in self._cancelling:
+                continue
+            host = self._hosts.get(beam.host) if beam.host else None
+            if beam.status == B.PAUSED:
+                if (
+                    host is not None
+                    and host.is_available()
+                    and self.host_errors.get(host.name) is None
+                ):
+                    resume = beam.resume_status or B.QUEUED
+                    await self._store.transition_beam(
+                        beam.beam_id,
+                        resume,
+                        changes={"resume_status": None, "error": None},
+                        message=f"resumed on {host.name}",
+                    )
+                    self._spawn(f"beam:{beam.beam_id}", self.beams.run(beam.beam_id))
+                continue
+            if (
+                host is not None
+                and beam.status in (B.LAUNCHING, B.RUNNING, B.DOWNLOADING)
+                and not host.is_available()
+            ):
+                if f"beam:{beam.beam_id}" not in self._tasks:
+                    await self._store.transition_beam(
+                        beam.beam_id,
+                        B.PAUSED,
+                        changes={
+                            "resume_status": beam.status,
+                            "error": format_error(
+                                "host_unreachable", self.host_errors.get(host.name) or ""
+                            ),
+                        },
+                        message=f"paused: host {host.name} unavailable",
+                    )
+                continue
+            self._spawn(f"beam:{beam.beam_id}", self.beams.run(beam.beam_id))
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def _command_loop(self) -> None:
+        while True:
+            for cmd in await self._store.pending_commands():
+                try:
+                    message = await self.apply(str(cmd.kind), cmd.case_id)
+                    await self._store.finish_command(cmd.command_id, CommandStatus.DONE, message)
+                except MqiError as exc:
+                    await self._store.finish_command(
+                        cmd.command_id, CommandStatus.REJECTED, str(exc)
+                    )
+            await asyncio.sleep(1.0)
+
+    async def apply(self, kind: str, case_id: str) -> str:
+        """Carry out an operator request: retry, cancel or priority."""
+        case = await self._store.get_case(case_id)
+        if case is None:
+            raise MqiError("internal_error", f"unknown case {case_id}")
+        if kind == "cancel":
+            return await self._cancel(case_id)
+        if kind == "retry":
+            return await self._retry(case_id)
+        if kind == "priority":
+            await self._store.update_case(case_id, {"priority": case.priority + 1})
+            self.scheduler.wake()
+            return f"priority of {case_id} is now {case.priority + 1}"
+        raise MqiError("internal_error", f"unknown command {kind}")
+
+    async def _stop_task(self, key: str) -> None:
+        task = self._tasks.get(key)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _cancel(self, case_id: str) -> str:
+        case = await self._store.get_case(case_id)
+        if case is None or case.status.is_terminal:
+            return f"case {case_id} is already {case.status if case else 'gone'}"
+        self._cancelling.add(case_id)
+        try:
+            return await self._cancel_beams(case_id)
+        finally:
+            self._cancelling.discard(case_id)
+
+    async def _cancel_beams(self, case_id: str) -> str:
+        await self._stop_task(f"case:{case_id}")
+        killed = 0
+        for beam in await self._store.list_beams(case_id):
+            if beam.status.is_terminal:
+                continue
+            await self._stop_task(f"beam:{beam.beam_id}")
+            runs = await self._store.list_runs(beam.beam_id)
+            run = max(runs, key=lambda r: r.attempt) if runs else None
+            if (
+                run
+                and run.status in (RunStatus.LAUNCHING, RunStatus.RUNNING)
+                and run.job_id
+                and beam.host
+            ):
+                with contextlib.suppress(MqiError):
+                    await self._hosts[beam.host].kill_job(
+                        JobHandle(job_dir=run.job_dir, job_id=run.job_id)
+                    )
+                    killed += 1
+                await self._store.finish_run(
+                    run.run_id, RunStatus.KILLED, error=format_error("cancelled")
+                )
+            await self.scheduler.release(beam.beam_id)
+            await self._store.transition_beam(
+                beam.beam_id,
+                B.CANCELLED,
+                changes={"error": format_error("cancelled")},
+                message="cancelled by operator",
+            )
+        await self._store.transition_case(
+            case_id,
+            C.CANCELLED,
+            changes={"error": format_error("cancelled")},
+            message="cancelled by operator",
+        )
+        return f"cancelled {case_id} ({killed} running job(s) killed)"
+
+    async def _retry(self, case_id: str) -> str:
+        case = await self._store.get_case(case_id)
+        if case is None:
+            raise MqiError("internal_error", f"unknown case {case_id}")
+        if case.status not in (C.FAILED, C.CANCELLED):
+            return f"case {case_id} is {case.status}; only failed or cancelled cases are retried"
+        beams = await self._store.list_beams(case_id)
+        for beam in beams:
+            if beam.status in (B.FAILED, B.CANCELLED):
+                await self._store.transition_beam(
+                    beam.beam_id,
+                    B.PENDING,
+                    changes={
+                        "error": None,
+                        "progress": 0,
+                        "attempts_base": beam.attempts,
+                        "not_before_at": None,
+                        "host": None,
+                        "gpu_uuids": [],
+                        "gpu_indices": [],
+                    },
+                    message="retry requested",
+                )
+        self.beams.forget_uploads(case_id)
+        # a case that never got beams (bad input) is resolved again from its files
+        target = C.PENDING
+        await self._store.transition_case(
+            case_id,
+            target,
+            changes={"error": None, "progress": 0, "retry_count": case.retry_count + 1},
+            message="retry requested",
+        )
+        self.wake()
+        return f"retrying {case_id}"
+
+    # -- intake -------------------------------------------------------------------------
+
+    async def register_case(
+        self, *, case_id: str, case_path: str, room: str, safe_name: str, new_ptn: bool = False
+    ) -> None:
+        """A ready case folder was seen; register it once, or recheck a waiting one."""
+        case, created = await self._store.register_case(
+            NewCase(case_id=case_id, case_path=case_path, room=room or None, safe_name=safe_name)
+        )
+        if created:
+            log.info("registered case %s", case_id, extra={"case_id": case_id})
+        elif case.status == C.WAITING:
+            await self._store.transition_case(
+                case_id, C.PENDING, message="new files; checking the fraction again"
+            )
+        elif case.status == C.COMPLETED and new_ptn:
+            await self._store.transition_case(
+                case_id, C.POSTPROCESSING, message="new delivery log; post-processing again"
+            )
+        self.wake()

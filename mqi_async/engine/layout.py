@@ -1,0 +1,65 @@
+"""Where a case's files live, locally under work_directory and remotely under remote_root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from mqi_async.domain.records import BeamRow, CaseRow
+
+
+@dataclass(frozen=True, slots=True)
+class CaseDirs:
+    """Local folders of one case (the scan directory itself is never written)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, work_directory: Path, case: CaseRow) -> CaseDirs:
+        return cls(work_directory / case.safe_name)
+
+    @property
+    def csv(self) -> Path:
+        """Interpreter output: plan/ (the RTPLAN) and log/ (fluence CSVs per beam)."""
+        return self.root / "csv"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def dose(self) -> Path:
+        return self.root / "dose"
+
+    def beam_stem(self, beam: BeamRow) -> str:
+        return f"beam_{beam.beam_index}"
+
+    def attempt(self, beam: BeamRow, attempt: int) -> Path:
+        return self.root / "runs" / self.beam_stem(beam) / f"attempt_{attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteDirs:
+    """Folders on a host: remote_root/<case>/inputs and remote_root/<case>/<beam>/<attempt>."""
+
+    case_root: PurePosixPath
+    beam_stem: str
+
+    @classmethod
+    def of(cls, remote_root: str, case: CaseRow, beam: BeamRow) -> RemoteDirs:
+        return cls(PurePosixPath(remote_root) / case.safe_name, f"beam_{beam.beam_index}")
+
+    @property
+    def inputs(self) -> str:
+        return str(self.case_root / "inputs")
+
+    @property
+    def plan(self) -> str:
+        return str(self.case_root / "inputs" / "plan")
+
+    @property
+    def logs(self) -> str:
+        return str(self.case_root / "inputs" / "log")
+
+    def attempt(self, attempt: int) -> str:
+        return str(self.case_root / self.beam_stem / str(attempt))

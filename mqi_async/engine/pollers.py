@@ -1,0 +1,124 @@
+"""Periodic host readers: the nvidia-smi poller and the batched job-status poller."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mqi_async.domain.errors import HostUnavailableError, MqiError
+from mqi_async.domain.gpus import GpuSample
+from mqi_async.domain.jobs import JobHandle, JobState, JobStatus
+from mqi_async.engine.ports import Host, Store
+
+log = logging.getLogger(__name__)
+
+
+class GpuPoller:
+    """Samples one host's GPUs every `interval_s`, or at once when asked (after a release)."""
+
+    def __init__(
+        self,
+        host: Host,
+        *,
+        store: Store,
+        interval_s: float,
+        on_sample: Callable[[GpuSample], None],
+        on_host_error: Callable[[str, MqiError], None],
+    ) -> None:
+        self._host = host
+        self._store = store
+        self._interval_s = interval_s
+        self._on_sample = on_sample
+        self._on_host_error = on_host_error
+        self._now = asyncio.Event()
+        self.last_error: str | None = None
+
+    def poll_now(self) -> None:
+        self._now.set()
+
+    async def run(self) -> None:
+        if not self._host.leases_gpus:
+            return
+        while True:
+            self._now.clear()
+            try:
+                sample = await self._host.sample_gpus()
+            except MqiError as exc:
+                self.last_error = str(exc)
+                self._on_host_error(self._host.name, exc)
+            else:
+                self.last_error = None
+                self._on_sample(sample)
+                await self._store.record_gpu_sample(sample)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval_s):
+                    await self._now.wait()
+
+
+@dataclass(slots=True)
+class _Watch:
+    handle: JobHandle
+    future: asyncio.Future[JobStatus]
+    on_tail: Callable[[str], None]
+
+
+class JobMonitor:
+    """One batched poll per host per tick for all of its running jobs."""
+
+    def __init__(
+        self,
+        host: Host,
+        *,
+        interval_s: float,
+        on_host_error: Callable[[str, MqiError], None],
+    ) -> None:
+        self._host = host
+        self._interval_s = interval_s
+        self._on_host_error = on_host_error
+        self._watches: dict[str, _Watch] = {}
+        self._wake = asyncio.Event()
+
+    async def wait_exit(self, handle: JobHandle, on_tail: Callable[[str], None]) -> JobStatus:
+        """Resolve when the job has exited or is lost; raises HostUnavailableError if the host goes."""
+        fut: asyncio.Future[JobStatus] = asyncio.get_running_loop().create_future()
+        self._watches[handle.job_dir] = _Watch(handle, fut, on_tail)
+        self._wake.set()
+        try:
+            return await fut
+        finally:
+            self._watches.pop(handle.job_dir, None)
+
+    async def run(self) -> None:
+        while True:
+            if not self._watches:
+                self._wake.clear()
+                await self._wake.wait()
+            watches = list(self._watches.values())
+            try:
+                statuses = await self._host.poll_jobs([w.handle for w in watches])
+            except HostUnavailableError as exc:
+                self._on_host_error(self._host.name, exc)
+                for w in watches:
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+            except MqiError as exc:
+                # a failed poll is retried next tick; the jobs keep running remotely
+                log.warning(
+                    "job poll on %s failed: %s",
+                    self._host.name,
+                    exc,
+                    extra={"host": self._host.name},
+                )
+            else:
+                for w in watches:
+                    st = statuses.get(w.handle.job_dir)
+                    if st is None or w.future.done():
+                        continue
+                    if st.log_tail:
+                        w.on_tail(st.log_tail)
+                    if st.state in (JobState.EXITED, JobState.LOST):
+                        w.future.set_result(st)
+            await asyncio.sleep(self._interval_s)

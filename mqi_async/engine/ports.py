@@ -1,0 +1,260 @@
+"""What the engine needs from the outside world, as small protocols; service.py wires real ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from mqi_async.domain.fractions import Waiting
+from mqi_async.domain.gpus import GpuSample
+from mqi_async.domain.jobs import (
+    CommandResult,
+    JobHandle,
+    JobSpec,
+    JobStatus,
+    ProgressCallback,
+    TransferReport,
+)
+from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
+from mqi_async.domain.records import (
+    BeamRow,
+    CaseRow,
+    CommandRow,
+    CommandStatus,
+    LeaseRow,
+    NewBeam,
+    NewCase,
+    NewDelivery,
+    ResolvedCase,
+    RunRow,
+)
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+        ...
+
+    def monotonic(self) -> float: ...
+
+
+class Host(Protocol):
+    """One place MOQUI runs: a remote GPU server, this machine, the simulator, or a cluster.
+
+    Every method has its own timeout and raises `HostUnavailableError` when the host
+    cannot be reached, `TransientError` or `PermanentError` for other failures.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str:
+        """`ssh`, `local`, `simulated` or `slurm`."""
+        ...
+
+    @property
+    def leases_gpus(self) -> bool:
+        """False when a scheduler (slurm) allocates GPUs itself."""
+        ...
+
+    @property
+    def remote_root(self) -> str:
+        """Absolute directory on the host under which every case lives."""
+        ...
+
+    async def start(self) -> None:
+        """Connect (or prepare); a failure leaves the host paused, not broken."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    def is_available(self) -> bool:
+        """True while the host is connected (or believed reachable)."""
+        ...
+
+    async def run(self, argv: Sequence[str], *, timeout_s: float) -> CommandResult:
+        """Run one short command; argv is quoted by the host."""
+        ...
+
+    async def put_tree(
+        self, local_dir: Path, remote_dir: str, *, progress: ProgressCallback | None = None
+    ) -> TransferReport:
+        """Upload a directory tree; verified, atomic per file, skips files already there."""
+        ...
+
+    async def get_files(
+        self,
+        remote_dir: str,
+        names: Sequence[str],
+        local_dir: Path,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> TransferReport:
+        """Download named files of one remote directory; verified, atomic per file."""
+        ...
+
+    async def list_dir(self, remote_dir: str) -> dict[str, int]:
+        """File name -> size of the regular files in a remote directory ({} if it is missing)."""
+        ...
+
+    async def spawn_job(self, spec: JobSpec) -> JobHandle:
+        """Start a detached job; returns once its process-group id (or job id) is recorded."""
+        ...
+
+    async def poll_jobs(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
+        """One batched status read of many jobs, keyed by job_dir."""
+        ...
+
+    async def kill_job(self, handle: JobHandle) -> None:
+        """Stop the whole process group (TERM, then KILL) or cancel the scheduler job."""
+        ...
+
+    async def sample_gpus(self) -> GpuSample:
+        """Run the nvidia-smi queries under a remote timeout and parse them."""
+        ...
+
+
+class Store(Protocol):
+    """The database as the engine sees it (mqi_async.store.Store satisfies it).
+
+    Every status change is one transaction: the transition check, the row and its event.
+    """
+
+    async def register_case(
+        self,
+        case: NewCase,
+        beams: Sequence[NewBeam] = (),
+        deliveries: Sequence[NewDelivery] = (),
+    ) -> tuple[CaseRow, bool]: ...
+
+    async def attach_plan(
+        self,
+        case_id: str,
+        *,
+        beams: Sequence[NewBeam],
+        deliveries: Sequence[NewDelivery] = (),
+        plan_path: str | None = None,
+        gantry: int | None = None,
+        patient_id: str | None = None,
+    ) -> list[BeamRow]: ...
+
+    async def get_case(self, case_id: str) -> CaseRow | None: ...
+
+    async def list_cases(self, statuses: Collection[CaseStatus] | None = None) -> list[CaseRow]: ...
+
+    async def transition_case(
+        self,
+        case_id: str,
+        status: CaseStatus,
+        *,
+        changes: Mapping[str, object] | None = None,
+        message: str = "",
+        data: Mapping[str, object] | None = None,
+    ) -> CaseRow: ...
+
+    async def update_case(self, case_id: str, changes: Mapping[str, object]) -> CaseRow: ...
+
+    async def get_beam(self, beam_id: str) -> BeamRow | None: ...
+
+    async def list_beams(self, case_id: str) -> list[BeamRow]: ...
+
+    async def list_beams_in(self, statuses: Collection[BeamStatus]) -> list[BeamRow]: ...
+
+    async def transition_beam(
+        self,
+        beam_id: str,
+        status: BeamStatus,
+        *,
+        changes: Mapping[str, object] | None = None,
+        message: str = "",
+        data: Mapping[str, object] | None = None,
+    ) -> BeamRow: ...
+
+    async def update_beam(self, beam_id: str, changes: Mapping[str, object]) -> BeamRow: ...
+
+    async def start_run(
+        self,
+        beam_id: str,
+        *,
+        host: str,
+        gpu_uuids: Sequence[str],
+        job_dir_for: Callable[[int], str],
+    ) -> RunRow:
+        """Insert the next attempt's run row and count it on the beam, in one transaction."""
+        ...
+
+    async def set_run_job(self, run_id: int, job_id: str) -> RunRow: ...
+
+    async def finish_run(
+        self,
+        run_id: int,
+        status: RunStatus,
+        *,
+        exit_code: int | None = None,
+        signal: str | None = None,
+        error: str | None = None,
+    ) -> RunRow: ...
+
+    async def list_runs(self, beam_id: str) -> list[RunRow]: ...
+
+    async def record_gpu_sample(self, sample: GpuSample) -> None: ...
+
+    async def lease_gpus(self, beam_id: str, host: str, uuids: Sequence[str]) -> bool:
+        """Lease all of the GPUs to the beam, or none of them."""
+        ...
+
+    async def release_leases(self, beam_id: str) -> int: ...
+
+    async def list_leases(self, *, beam_id: str | None = None) -> list[LeaseRow]: ...
+
+    async def append_event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        case_id: str | None = None,
+        beam_id: str | None = None,
+        data: Mapping[str, object] | None = None,
+    ) -> object: ...
+
+    async def pending_commands(self, limit: int = 100) -> list[CommandRow]: ...
+
+    async def finish_command(
+        self, command_id: int, status: CommandStatus, result: str | None = None
+    ) -> object: ...
+
+
+class LocalTools(Protocol):
+    """Local CPU tools; each raises a named MqiError when it fails."""
+
+    async def interpret(self, *, case_path: Path, csv_dir: Path, log_path: Path) -> None: ...
+
+    async def make_rt_dose(
+        self,
+        *,
+        source: Path,
+        target: Path,
+        tps_input: Path,
+        plan: Path,
+        beam_number: int,
+        log_path: Path,
+    ) -> None:
+        """Convert a raw dose (or validate MOQUI's DICOM) into an RT Dose file at target."""
+        ...
+
+    async def postprocess(self, *, values: Mapping[str, str], log_path: Path) -> bool | None:
+        """Run the post-processing command; None when none is configured."""
+        ...
+
+
+class CaseSource(Protocol):
+    """Reads a case folder (off the event loop) and resolves it with the domain rules."""
+
+    async def resolve(
+        self, case_id: str, case_path: str, *, now: datetime
+    ) -> ResolvedCase | Waiting:
+        """Raises IngestError with a named code when the case is broken."""
+        ...

@@ -1,0 +1,1 @@
+"""hpc layer of mqi_async."""

@@ -1,0 +1,178 @@
+"""File-system reads for ingest: find ready case folders, and read a case for plan resolution."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from mqi_async.domain.errors import IngestError
+from mqi_async.domain.fractions import DeliveryInput, Waiting, resolve_case
+from mqi_async.domain.plan import find_rtplan_candidates, select_rtplan
+from mqi_async.domain.records import ResolvedCase
+from mqi_async.ingest.layout import (
+    PLANINFO_NAME,
+    case_identity,
+    is_case_dir,
+    is_ptn,
+    is_staging_component,
+    safe_name,
+)
+
+#: an RTPLAN larger than this is not a plan (protects memory from a stray image series)
+_MAX_PLAN_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FoundCase:
+    """A ready case folder as the scanner saw it."""
+
+    case_id: str
+    case_path: str
+    room: str
+    safe_name: str
+
+
+def _listing(path: str) -> tuple[list[str], list[str]]:
+    files: list[str] = []
+    dirs: list[str] = []
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        dirs.append(entry.name)
+                    elif entry.is_file():
+                        files.append(entry.name)
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return files, dirs
+
+
+def check_case_dir(scan_dir: str, path: str, marker: str) -> FoundCase | None:
+    """The ready case at `path`, or None when it is not a case or not ready yet."""
+    files, dirs = _listing(path)
+    subdir_files = {
+        d: _listing(os.path.join(path, d))[0] for d in dirs if not is_staging_component(d)
+    }
+    if not is_case_dir(files, subdir_files):
+        return None
+    parent = os.path.dirname(os.path.normpath(path))
+    identity = case_identity(
+        scan_dir,
+        path,
+        case_has_marker=marker in files,
+        parent_has_marker=os.path.isfile(os.path.join(parent, marker)),
+        marker=marker,
+    )
+    if not identity.is_ready:
+        return None
+    return FoundCase(
+        case_id=identity.case_id,
+        case_path=identity.case_path,
+        room=identity.room,
+        safe_name=safe_name(identity.case_id),
+    )
+
+
+def scan_tree(scan_dir: str, root: str, marker: str, *, max_depth: int = 6) -> list[FoundCase]:
+    """Every ready case at or below `root` (a bounded walk; staging folders are skipped)."""
+    found: list[FoundCase] = []
+    base_depth = os.path.normpath(root).count(os.sep)
+    for dirpath, dirnames, _files in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not is_staging_component(d))
+        if os.path.normpath(dirpath).count(os.sep) - base_depth >= max_depth:
+            dirnames[:] = []
+        case = check_case_dir(scan_dir, dirpath, marker)
+        if case is not None:
+            found.append(case)
+            # a case's subfolders are deliveries, never cases of their own
+            dirnames[:] = []
+    return found
+
+
+def check_candidates(scan_dir: str, paths: list[str], marker: str) -> list[FoundCase]:
+    """Resolve changed paths to ready cases: the nearest case folder at or above each path,
+    and, for folders, any case below them (inotify misses files made right after mkdir)."""
+    seen: dict[str, FoundCase] = {}
+    for path in paths:
+        if os.path.isdir(path):
+            for case in scan_tree(scan_dir, path, marker, max_depth=3):
+                seen[case.case_path] = case
+        current = os.path.normpath(path)
+        stop = os.path.normpath(scan_dir)
+        for _ in range(4):
+            if current == stop or not current.startswith(stop):
+                break
+            found = check_case_dir(scan_dir, current, marker) if os.path.isdir(current) else None
+            if found is not None:
+                seen[found.case_path] = found
+                break
+            current = os.path.dirname(current)
+    return list(seen.values())
+
+
+def _read_case_files(case_path: str) -> tuple[list[tuple[str, bytes]], list[DeliveryInput]]:
+    files, dirs = _listing(case_path)
+    names = list(files)
+    for d in dirs:
+        names.extend(f"{d}/{f}" for f in _listing(os.path.join(case_path, d))[0])
+    candidates: list[tuple[str, bytes]] = []
+    for name in find_rtplan_candidates(names):
+        full = os.path.join(case_path, name)
+        try:
+            if os.path.getsize(full) > _MAX_PLAN_BYTES:
+                continue
+            candidates.append((name, Path(full).read_bytes()))
+        except OSError:
+            continue
+    deliveries: list[DeliveryInput] = []
+    for d in sorted(dirs):
+        if is_staging_component(d):
+            continue
+        sub = os.path.join(case_path, d)
+        sub_files = _listing(sub)[0]
+        text: str | None = None
+        if PLANINFO_NAME in sub_files:
+            try:
+                text = Path(sub, PLANINFO_NAME).read_bytes().decode("utf-8", "replace")
+            except OSError:
+                text = None
+        deliveries.append(
+            DeliveryInput(path=sub, planinfo_text=text, has_ptn=any(is_ptn(f) for f in sub_files))
+        )
+    return candidates, deliveries
+
+
+class CaseReader:
+    """The engine's CaseSource: reads a case folder in a worker thread, resolves it purely."""
+
+    def __init__(self, *, fraction_window: timedelta) -> None:
+        self._window = fraction_window
+
+    async def resolve(
+        self, case_id: str, case_path: str, *, now: datetime
+    ) -> ResolvedCase | Waiting:
+        return await asyncio.to_thread(self._resolve_sync, case_path, now)
+
+    def _resolve_sync(self, case_path: str, now: datetime) -> ResolvedCase | Waiting:
+        if not os.path.isdir(case_path):
+            raise IngestError("missing_rtplan", f"the case folder {case_path} is gone")
+        candidates, deliveries = _read_case_files(case_path)
+        plan = select_rtplan(candidates)
+        plan_name = plan.source
+        # the plan's own folder is never a delivery
+        plan_dir = os.path.dirname(os.path.join(case_path, plan_name))
+        deliveries = [
+            d for d in deliveries if os.path.normpath(d.path) != os.path.normpath(plan_dir)
+        ]
+        result = resolve_case(plan, deliveries, now=now, window=self._window)
+        if isinstance(result, Waiting):
+            return result
+        return ResolvedCase(
+            plan_path=os.path.join(case_path, plan_name), plan=plan, resolution=result
+        )

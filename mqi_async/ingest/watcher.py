@@ -1,0 +1,148 @@
+"""Watches the scan directory (inotify or polling), plus a startup scan and periodic rescans."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from watchfiles import Change, awatch
+
+from mqi_async.config import IngestSettings
+from mqi_async.ingest.layout import PathKind, classify_event_path
+from mqi_async.ingest.reader import FoundCase, check_candidates, scan_tree
+
+log = logging.getLogger(__name__)
+
+#: file systems where inotify sees nothing written by other machines
+_NETWORK_FS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "fuse.sshfs",
+        "9p",
+        "afs",
+        "glusterfs",
+        "ceph",
+        "fuse.rclone",
+        "davfs",
+    }
+)
+
+#: called once per ready case found; `new_ptn` when a *.ptn file was just added to it
+OnCase = Callable[[FoundCase, bool], Awaitable[None]]
+
+
+def filesystem_type(path: Path) -> str:
+    """The mount's file-system type for `path`, from /proc/mounts ("" when unknown)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    target = os.path.realpath(path)
+    best, fstype = "", ""
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) > len(
+            best
+        ):
+            best, fstype = mount, parts[2]
+    return fstype
+
+
+class CaseWatcher:
+    """Finds ready cases; each is reported (idempotently downstream) however many events it makes."""
+
+    def __init__(self, scan_directory: Path, settings: IngestSettings, on_case: OnCase) -> None:
+        self._dir = scan_directory
+        self._s = settings
+        self._on_case = on_case
+        fstype = filesystem_type(scan_directory) if scan_directory.exists() else ""
+        self.force_polling = settings.force_polling or fstype in _NETWORK_FS
+        if self.force_polling and not settings.force_polling:
+            log.warning("scan directory is on %s; watching by polling", fstype)
+        self.last_scan_s: float | None = None
+
+    async def run(self) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        listening = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch(listening))
+            # start scanning only once events are being captured, so no case slips between
+            await listening.wait()
+            await self.scan()
+            tg.create_task(self._rescan_loop())
+
+    async def scan(self) -> list[FoundCase]:
+        """Scan the whole tree once and report every ready case."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        found = await asyncio.to_thread(
+            scan_tree, str(self._dir), str(self._dir), self._s.ready_marker, max_depth=8
+        )
+        for case in found:
+            await self._on_case(case, False)
+        self.last_scan_s = loop.time() - started
+        log.info("scan found %d ready case(s) in %.2f s", len(found), self.last_scan_s)
+        return found
+
+    async def _rescan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._s.rescan_seconds)
+            await self.scan()
+
+    async def _watch(self, listening: asyncio.Event) -> None:
+        stop = asyncio.Event()
+        watcher = awatch(
+            self._dir,
+            recursive=True,
+            force_polling=self.force_polling,
+            poll_delay_ms=self._s.poll_delay_ms,
+            debounce=200,
+            step=20,
+            stop_event=stop,
+            ignore_permission_denied=True,
+        )
+        try:
+            first = asyncio.ensure_future(anext(watcher))
+            # awatch sets up its watch on the first step; give it that step before scanning
+            await asyncio.sleep(0.2)
+            listening.set()
+            changes = await first
+            while True:
+                await self._handle(changes)
+                changes = await anext(watcher)
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await watcher.aclose()
+
+    async def _handle(self, changes: set[tuple[Change, str]]) -> None:
+        paths: list[str] = []
+        new_ptn_paths: list[str] = []
+        for change, path in changes:
+            if change == Change.deleted:
+                continue
+            event = classify_event_path(str(self._dir), path, marker=self._s.ready_marker)
+            if event.kind == PathKind.IGNORED:
+                continue
+            if event.kind == PathKind.PTN and change == Change.added:
+                new_ptn_paths.append(path)
+            paths.append(path)
+        if not paths:
+            return
+        found = await asyncio.to_thread(
+            check_candidates, str(self._dir), sorted(set(paths)), self._s.ready_marker
+        )
+        for case in found:
+            new_ptn = any(p.startswith(case.case_path + os.sep) for p in new_ptn_paths)
+            await self._on_case(case, new_ptn)

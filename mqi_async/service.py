@@ -1,0 +1,272 @@
+"""The composition root: builds every object once, runs them in one TaskGroup, stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from mqi_async.config import (
+    LocalHostSettings,
+    Settings,
+    SimulatedHostSettings,
+    SlurmHostSettings,
+    SshHostSettings,
+)
+from mqi_async.domain.scheduling import GpuPolicy
+from mqi_async.engine.cases import CaseSettings
+from mqi_async.engine.engine import Engine, EngineSettings
+from mqi_async.engine.ports import Host
+from mqi_async.engine.workflow import WorkflowSettings
+from mqi_async.ingest.reader import FoundCase
+from mqi_async.ingest.watcher import CaseWatcher
+from mqi_async.log import configure_logging, remove_handlers
+from mqi_async.store import Store
+from mqi_async.tools import LocalToolRunner, Tools
+
+log = logging.getLogger(__name__)
+
+BUNDLED_BIN = Path(__file__).parent / "demo" / "bin"
+#: graceful stop must end well inside systemd's TimeoutStopSec and the 10 s contract
+STOP_GRACE_S = 8.0
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return asyncio.get_running_loop().time()
+
+
+def moqui_argv(h: object) -> tuple[str, ...]:
+    """The MOQUI command for a host; the simulator when none is configured."""
+    command = getattr(h, "moqui_command", None)
+    if command:
+        return tuple(command)
+    if isinstance(h, SimulatedHostSettings):
+        return (sys.executable, str(BUNDLED_BIN / "tps_env"))
+    return ("tps_env",)
+
+
+def build_hosts(settings: Settings, work_root: Path) -> dict[str, Host]:
+    """One Host per configured host, by kind."""
+    from mqi_async.hpc.local import LocalHost
+    from mqi_async.hpc.simulated import SimulatedHost
+    from mqi_async.hpc.ssh_host import SshHost
+
+    hosts: dict[str, Host] = {}
+    for h in settings.hosts:
+        if isinstance(h, SimulatedHostSettings):
+            hosts[h.name] = SimulatedHost(h, root=work_root / "simulated" / h.name)
+        elif isinstance(h, LocalHostSettings):
+            hosts[h.name] = LocalHost(h)
+        elif isinstance(h, SshHostSettings):
+            hosts[h.name] = SshHost(h)
+        elif isinstance(h, SlurmHostSettings):
+            from mqi_async.hpc.slurm import SlurmHost
+
+            hosts[h.name] = SlurmHost(h)
+    return hosts
+
+
+def engine_settings(settings: Settings, hosts: dict[str, Host]) -> EngineSettings:
+    stale_s = settings.gpu.poll_seconds * settings.gpu.stale_after_polls
+    policies = {
+        h.name: GpuPolicy(
+            min_free_memory_mb=settings.gpu.min_free_memory_mb,
+            max_sample_age_s=stale_s,
+            allocation=settings.gpu.allocation,
+            allowed_indices=frozenset(h.gpu_indices) if h.gpu_indices is not None else None,
+        )
+        for h in settings.hosts
+    }
+    max_jobs = {
+        h.name: (h.max_jobs if isinstance(h, SlurmHostSettings) else 1) for h in settings.hosts
+    }
+    return EngineSettings(
+        workflow=WorkflowSettings(
+            moqui_static=dict(settings.moqui),
+            moqui_argv={h.name: moqui_argv(h) for h in settings.hosts},
+            run_timeout_s=settings.runs.timeout_seconds,
+            max_attempts=settings.retry.max_attempts,
+            backoff_initial_s=settings.retry.backoff_initial_seconds,
+            backoff_max_s=settings.retry.backoff_max_seconds,
+            step_timeout_s=max(600.0, settings.runs.timeout_seconds),
+            work_directory=settings.work_directory,
+        ),
+        cases=CaseSettings(
+            work_directory=settings.work_directory,
+            max_attempts=settings.retry.max_attempts,
+            backoff_initial_s=settings.retry.backoff_initial_seconds,
+            backoff_max_s=settings.retry.backoff_max_seconds,
+        ),
+        gpu_policies=policies,
+        gpu_poll_s=settings.gpu.poll_seconds,
+        run_poll_s=settings.runs.poll_seconds,
+        max_jobs=max_jobs,
+    )
+
+
+@dataclass
+class Service:
+    """Everything the running service owns; the UI reads `store` and calls `engine.apply`."""
+
+    settings: Settings
+    store: Store
+    engine: Engine
+    watcher: CaseWatcher
+    hosts: dict[str, Host]
+    started_at: datetime
+    state: str = "starting"
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_stop(self) -> None:
+        self.state = "stopping"
+        self.stopping.set()
+
+
+async def _start_hosts(hosts: dict[str, Host]) -> None:
+    async def start(host: Host) -> None:
+        try:
+            async with asyncio.timeout(30):
+                await host.start()
+        except Exception as exc:  # a host that fails to start is paused, the service runs on
+            log.warning("host %s did not start: %s", host.name, exc, extra={"host": host.name})
+
+    async with asyncio.TaskGroup() as tg:
+        for host in hosts.values():
+            tg.create_task(start(host))
+
+
+@contextlib.asynccontextmanager
+async def open_service(settings: Settings) -> AsyncIterator[Service]:
+    """Build the service's objects; close hosts and the database on the way out."""
+    for d in (settings.work_directory, settings.database.parent):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+    store = await Store.open(settings.database)
+    hosts: dict[str, Host] = {}
+    try:
+        hosts = build_hosts(settings, settings.work_directory)
+        tools = LocalToolRunner(Tools(settings.tools), settings.tools, dict(settings.moqui))
+        problems = tools.check()
+        for p in problems:
+            log.error("tool check: %s", p)
+        from mqi_async.ingest.reader import CaseReader
+
+        engine = Engine(
+            store=store,
+            hosts=hosts,
+            tools=tools,
+            source=CaseReader(
+                fraction_window=timedelta(minutes=settings.ingest.fraction_window_minutes)
+            ),
+            clock=SystemClock(),
+            settings=engine_settings(settings, hosts),
+        )
+
+        async def on_case(case: FoundCase, new_ptn: bool) -> None:
+            await engine.register_case(
+                case_id=case.case_id,
+                case_path=case.case_path,
+                room=case.room,
+                safe_name=case.safe_name,
+                new_ptn=new_ptn,
+            )
+
+        watcher = CaseWatcher(settings.scan_directory, settings.ingest, on_case)
+        yield Service(
+            settings=settings,
+            store=store,
+            engine=engine,
+            watcher=watcher,
+            hosts=hosts,
+            started_at=datetime.now(UTC),
+        )
+    finally:
+        for host in hosts.values():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(3):
+                    await host.aclose()
+        await store.aclose()
+
+
+async def run_until_stopped(
+    service: Service, ui: Callable[[Service], Awaitable[None]] | None
+) -> None:
+    """Run engine, watcher (and UI) until a signal, `q`, or a fatal error."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    try:
+        await _start_hosts(service.hosts)
+        async with asyncio.TaskGroup() as tg:
+            engine_task = tg.create_task(service.engine.run())
+            watcher_task = tg.create_task(_supervised_watcher(service))
+            ui_task = tg.create_task(ui(service)) if ui is not None else None
+            service.state = "running"
+            log.info(
+                "mqi-async running: %d host(s), scan %s",
+                len(service.hosts),
+                service.settings.scan_directory,
+            )
+            await service.stopping.wait()
+            log.info(
+                "stopping: intake closed, remote runs continue and are re-attached at the next start"
+            )
+            for task in (watcher_task, engine_task, ui_task):
+                if task is not None:
+                    task.cancel()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _supervised_watcher(service: Service) -> None:
+    delay = 1.0
+    while True:
+        try:
+            await service.watcher.run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "case watcher crashed; restarting in %.0f s", delay, extra={"component": "watcher"}
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+
+def run_service(settings: Settings, *, headless: bool) -> int:
+    """`mqi-async run`: 0 after a graceful stop, 2 when another instance holds the database."""
+    handlers = configure_logging(
+        level=settings.logging.level,
+        directory=settings.logging.directory,
+        stdout=sys.stdout if headless else None,
+        max_file_mb=settings.logging.max_file_mb,
+        backup_count=settings.logging.backup_count,
+    )
+    try:
+        ui = None
+        if not headless:
+            from mqi_async.ui.app import run_dashboard
+
+            ui = run_dashboard
+        asyncio.run(_main(settings, ui))
+        return 0
+    finally:
+        remove_handlers(handlers)
+
+
+async def _main(settings: Settings, ui: Callable[[Service], Awaitable[None]] | None) -> None:
+    async with open_service(settings) as service:
+        await run_until_stopped(service, ui)

@@ -1,0 +1,593 @@
+"""The `Store`: the one SQLite connection, opened safely, and every write serialised through it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import aiosqlite
+
+from mqi_async.domain.errors import DatabaseError
+from mqi_async.domain.gpus import GpuSample
+from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
+from mqi_async.domain.records import (
+    BeamRow,
+    CaseRow,
+    CommandKind,
+    CommandRow,
+    CommandStatus,
+    LeaseRow,
+    NewBeam,
+    NewCase,
+    NewDelivery,
+    RunRow,
+)
+from mqi_async.store.beams import Beams
+from mqi_async.store.cases import Cases
+from mqi_async.store.commands import Commands
+from mqi_async.store.deliveries import Deliveries, DeliveryRow
+from mqi_async.store.events import EventRow, Events
+from mqi_async.store.files import (
+    absolute,
+    connect,
+    database_error,
+    inspect_file,
+    is_missing_or_empty,
+    prepare_files,
+    read_checked_version,
+    readonly_uri,
+    readwrite_uri,
+)
+from mqi_async.store.gpus import GpuRow, Gpus
+from mqi_async.store.leases import Leases
+from mqi_async.store.runs import Runs
+from mqi_async.store.schema import migrate
+from mqi_async.store.session import Session, is_corruption
+from mqi_async.store.snapshot import CaseSnapshot, read_snapshot
+
+log = logging.getLogger(__name__)
+
+#: Where transactions get their timestamp; must return aware datetimes.
+NowFunction = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Transaction:
+    """The query API inside one transaction (or one read), grouped by table.
+
+    Every row written carries the same timestamp, `at`, taken when the transaction began.
+    """
+
+    __slots__ = (
+        "_session",
+        "beams",
+        "cases",
+        "commands",
+        "deliveries",
+        "events",
+        "gpus",
+        "leases",
+        "runs",
+    )
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.cases = Cases(session)
+        self.beams = Beams(session)
+        self.deliveries = Deliveries(session)
+        self.runs = Runs(session)
+        self.gpus = Gpus(session)
+        self.leases = Leases(session)
+        self.events = Events(session)
+        self.commands = Commands(session)
+
+    @property
+    def at(self) -> datetime:
+        return self._session.at
+
+    async def snapshot(self) -> list[CaseSnapshot]:
+        """Every case with its beams, in creation order (see `snapshot.read_snapshot`)."""
+        return await read_snapshot(self._session)
+
+
+class Store:
+    """The database of one service: one aiosqlite connection, transactions under one lock.
+
+    `Store.open` is for the service: it checks the file read-only, takes the service lock,
+    opens read-write and migrates. `Store.open_readonly`, `read_status_snapshot` and
+    `submit_command` are for the CLI while the service runs. Close with `aclose()` or
+    `async with`.
+    """
+
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        *,
+        path: Path,
+        now: NowFunction,
+        writable: bool,
+        lock_fd: int | None,
+        schema_version: int,
+    ) -> None:
+        self._conn: aiosqlite.Connection | None = conn
+        self._path = path
+        self._now = now
+        self._writable = writable
+        self._lock_fd = lock_fd
+        self._schema_version = schema_version
+        # aiosqlite runs one connection's calls on one thread; this lock keeps two tasks'
+        # BEGIN … COMMIT from interleaving on it (platform.md §7)
+        self._lock = asyncio.Lock()
+        self._owner: asyncio.Task[object] | None = None
+
+    # -- opening and closing ---------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], *, now: NowFunction | None = None) -> Store:
+        """Open (or create) the service's database and bring its schema up to date.
+
+        An existing file is first checked read-only with `PRAGMA integrity_check`, so a
+        damaged file is left exactly as it was. A new file and any directory created for it
+        are private (0600 / 0700). Only one service may hold a database at a time.
+
+        Raises:
+            DatabaseError: `database_damaged` (the file fails its check or is no mqi-async
+                database), `database_version` (made by a newer mqi-async),
+                `already_running` (another service holds it), `database_unavailable`.
+        """
+        db_path = absolute(path)
+        if await asyncio.to_thread(db_path.exists):
+            await inspect_file(db_path)
+        lock_fd = await asyncio.to_thread(prepare_files, db_path)
+        conn: aiosqlite.Connection | None = None
+        try:
+            conn = await connect(str(db_path), db_path, uri=False)
+            await conn.execute("PRAGMA foreign_keys = ON")
+            # damaged b-tree cells raise at read time instead of being trusted
+            await conn.execute("PRAGMA cell_size_check = ON")
+            mode = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))[0][0]
+            if str(mode).lower() != "wal":
+                log.warning("database %s: WAL mode refused (journal_mode=%s)", db_path, mode)
+            await conn.execute("PRAGMA synchronous = NORMAL")
+            version = await migrate(conn, path=str(db_path))
+        except BaseException as exc:
+            if conn is not None:
+                await conn.close()
+            os.close(lock_fd)
+            if isinstance(exc, sqlite3.Error):
+                raise database_error(db_path, exc) from exc
+            raise
+        log.info("database %s open (schema v%d)", db_path, version)
+        return cls(
+            conn,
+            path=db_path,
+            now=now or _utc_now,
+            writable=True,
+            lock_fd=lock_fd,
+            schema_version=version,
+        )
+
+    @classmethod
+    async def open_readonly(
+        cls, path: str | os.PathLike[str], *, now: NowFunction | None = None
+    ) -> Store:
+        """Open the database for reading only, while the service may be writing it.
+
+        Creates no file: with no `-wal` beside the database (no service running) it is
+        opened immutable, otherwise read-only through the service's WAL.
+
+        Raises:
+            DatabaseError: `database_missing`, `database_version` (the schema is not the one
+                this code reads), `database_damaged`, `database_unavailable`.
+        """
+        db_path = absolute(path)
+        if not await asyncio.to_thread(db_path.exists):
+            raise DatabaseError(
+                "database_missing",
+                f"{db_path}: no database here — start the service once, or check `database:`"
+                " in the config",
+            )
+        conn = await connect(await readonly_uri(db_path), db_path, uri=True)
+        try:
+            version = await read_checked_version(conn, db_path)
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(
+            conn,
+            path=db_path,
+            now=now or _utc_now,
+            writable=False,
+            lock_fd=None,
+            schema_version=version,
+        )
+
+    @classmethod
+    async def _open_client(cls, db_path: Path) -> Store:
+        """A short-lived writer beside the service (CLI commands); creates no database."""
+        conn = await connect(readwrite_uri(db_path), db_path, uri=True)
+        try:
+            await conn.execute("PRAGMA foreign_keys = ON")
+            version = await read_checked_version(conn, db_path)
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(
+            conn,
+            path=db_path,
+            now=_utc_now,
+            writable=True,
+            lock_fd=None,
+            schema_version=version,
+        )
+
+    async def aclose(self) -> None:
+        """Wait for the running transaction, then close the connection and drop the lock."""
+        if self._conn is None:
+            return
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            try:
+                if self._writable and self._lock_fd is not None:
+                    await conn.execute("PRAGMA optimize")
+            except sqlite3.Error as exc:
+                log.warning("database %s: PRAGMA optimize failed: %s", self._path, exc)
+            finally:
+                await conn.close()
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def schema_version(self) -> int:
+        return self._schema_version
+
+    @property
+    def is_readonly(self) -> bool:
+        return not self._writable
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """`BEGIN IMMEDIATE` … `COMMIT`, or `ROLLBACK` if the block raises (or is cancelled).
+
+        Transactions of all tasks run one at a time. Do not open one inside another in the
+        same task (that would wait forever; it raises RuntimeError instead).
+        """
+        if not self._writable:
+            raise RuntimeError(f"{self._path} is open read-only")
+        async with self._scope(write=True) as tx:
+            yield tx
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Transaction]:
+        """A consistent read: one deferred read transaction, always rolled back."""
+        async with self._scope(write=False) as tx:
+            yield tx
+
+    @asynccontextmanager
+    async def _scope(self, *, write: bool) -> AsyncIterator[Transaction]:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError(f"{self._path} is closed")
+        task = asyncio.current_task()
+        if task is not None and task is self._owner:
+            raise RuntimeError(
+                "a transaction was opened inside another one in the same task;"
+                " use the open Transaction's methods instead"
+            )
+        async with self._lock:
+            if self._conn is None:
+                raise RuntimeError(f"{self._path} is closed")
+            self._owner = task
+            try:
+                at = self._now()
+                if at.tzinfo is None:
+                    raise ValueError("the store's clock must return aware datetimes")
+                session = Session(conn, path=str(self._path), at=at, writable=write)
+                await self._begin(conn, write)
+                committed = False
+                try:
+                    yield Transaction(session)
+                    if write:
+                        await conn.commit()
+                        committed = True
+                finally:
+                    if not committed:
+                        # shielded so a second cancel cannot skip it; the connection's thread
+                        # runs it before any later BEGIN, so the next transaction starts clean
+                        await asyncio.shield(conn.rollback())
+            finally:
+                self._owner = None
+
+    async def _begin(self, conn: aiosqlite.Connection, write: bool) -> None:
+        try:
+            await conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except sqlite3.Error as exc:
+            if is_corruption(exc):
+                raise database_error(self._path, exc) from exc
+            raise
+
+    # -- cases -----------------------------------------------------------------------------
+
+    async def register_case(
+        self,
+        case: NewCase,
+        beams: Sequence[NewBeam] = (),
+        deliveries: Sequence[NewDelivery] = (),
+    ) -> tuple[CaseRow, bool]:
+        """See `Cases.register`: idempotent; returns (row, is_new)."""
+        async with self.transaction() as tx:
+            return await tx.cases.register(case, beams, deliveries)
+
+    async def attach_plan(
+        self,
+        case_id: str,
+        *,
+        beams: Sequence[NewBeam],
+        deliveries: Sequence[NewDelivery] = (),
+        plan_path: str | None = None,
+        gantry: int | None = None,
+        patient_id: str | None = None,
+    ) -> list[BeamRow]:
+        """See `Cases.attach_plan`."""
+        async with self.transaction() as tx:
+            return await tx.cases.attach_plan(
+                case_id,
+                beams=beams,
+                deliveries=deliveries,
+                plan_path=plan_path,
+                gantry=gantry,
+                patient_id=patient_id,
+            )
+
+    async def get_case(self, case_id: str) -> CaseRow | None:
+        async with self.read() as tx:
+            return await tx.cases.get(case_id)
+
+    async def list_cases(self, statuses: Collection[CaseStatus] | None = None) -> list[CaseRow]:
+        async with self.read() as tx:
+            return await tx.cases.find(statuses)
+
+    async def transition_case(
+        self,
+        case_id: str,
+        status: CaseStatus,
+        *,
+        changes: Mapping[str, object] | None = None,
+        message: str = "",
+        data: Mapping[str, object] | None = None,
+    ) -> CaseRow:
+        """See `Cases.transition`: checked, and audited in the same transaction."""
+        async with self.transaction() as tx:
+            return await tx.cases.transition(
+                case_id, status, changes=changes, message=message, data=data
+            )
+
+    async def update_case(self, case_id: str, changes: Mapping[str, object]) -> CaseRow:
+        async with self.transaction() as tx:
+            return await tx.cases.update(case_id, changes)
+
+    async def list_deliveries(self, case_id: str) -> list[DeliveryRow]:
+        async with self.read() as tx:
+            return await tx.deliveries.of_case(case_id)
+
+    # -- beams -----------------------------------------------------------------------------
+
+    async def get_beam(self, beam_id: str) -> BeamRow | None:
+        async with self.read() as tx:
+            return await tx.beams.get(beam_id)
+
+    async def list_beams(self, case_id: str) -> list[BeamRow]:
+        async with self.read() as tx:
+            return await tx.beams.of_case(case_id)
+
+    async def list_active_beams(self) -> list[BeamRow]:
+        """Non-terminal beams in scheduling order (see `Beams.active`)."""
+        async with self.read() as tx:
+            return await tx.beams.active()
+
+    async def list_beams_in(self, statuses: Collection[BeamStatus]) -> list[BeamRow]:
+        async with self.read() as tx:
+            return await tx.beams.in_statuses(statuses)
+
+    async def case_statuses(self) -> dict[str, CaseStatus]:
+        """Every case id with its status (cheap: one column pair)."""
+        async with self.read() as tx:
+            return {c.case_id: c.status for c in await tx.cases.find(None)}
+
+    async def transition_beam(
+        self,
+        beam_id: str,
+        status: BeamStatus,
+        *,
+        changes: Mapping[str, object] | None = None,
+        message: str = "",
+        data: Mapping[str, object] | None = None,
+    ) -> BeamRow:
+        """See `Beams.transition`: checked, and audited in the same transaction."""
+        async with self.transaction() as tx:
+            return await tx.beams.transition(
+                beam_id, status, changes=changes, message=message, data=data
+            )
+
+    async def update_beam(self, beam_id: str, changes: Mapping[str, object]) -> BeamRow:
+        async with self.transaction() as tx:
+            return await tx.beams.update(beam_id, changes)
+
+    # -- runs ------------------------------------------------------------------------------
+
+    async def start_run(
+        self,
+        beam_id: str,
+        *,
+        host: str,
+        gpu_uuids: Sequence[str],
+        job_dir_for: Callable[[int], str],
+    ) -> RunRow:
+        """See `Runs.start`: the runs row and the beam's attempt count in one transaction."""
+        async with self.transaction() as tx:
+            return await tx.runs.start(
+                beam_id, host=host, gpu_uuids=gpu_uuids, job_dir_for=job_dir_for
+            )
+
+    async def set_run_job(self, run_id: int, job_id: str) -> RunRow:
+        async with self.transaction() as tx:
+            return await tx.runs.set_job(run_id, job_id)
+
+    async def finish_run(
+        self,
+        run_id: int,
+        status: RunStatus,
+        *,
+        exit_code: int | None = None,
+        signal: str | None = None,
+        error: str | None = None,
+    ) -> RunRow:
+        async with self.transaction() as tx:
+            return await tx.runs.finish(
+                run_id, status, exit_code=exit_code, signal=signal, error=error
+            )
+
+    async def list_runs(self, beam_id: str) -> list[RunRow]:
+        async with self.read() as tx:
+            return await tx.runs.of_beam(beam_id)
+
+    async def list_open_runs(self) -> list[RunRow]:
+        async with self.read() as tx:
+            return await tx.runs.open()
+
+    # -- GPUs and leases -------------------------------------------------------------------
+
+    async def record_gpu_sample(self, sample: GpuSample) -> None:
+        async with self.transaction() as tx:
+            await tx.gpus.record_sample(sample)
+
+    async def list_gpus(self, host: str | None = None) -> list[GpuRow]:
+        async with self.read() as tx:
+            return await tx.gpus.find(host)
+
+    async def lease_gpus(self, beam_id: str, host: str, uuids: Sequence[str]) -> bool:
+        """See `Leases.take`: all or nothing; False when any GPU is held by another beam."""
+        async with self.transaction() as tx:
+            return await tx.leases.take(beam_id, host, uuids)
+
+    async def release_leases(self, beam_id: str) -> int:
+        async with self.transaction() as tx:
+            return await tx.leases.release(beam_id)
+
+    async def sweep_leases(self) -> list[LeaseRow]:
+        """See `Leases.sweep`: release the leases of ended beams."""
+        async with self.transaction() as tx:
+            return await tx.leases.sweep()
+
+    async def list_leases(self, *, beam_id: str | None = None) -> list[LeaseRow]:
+        async with self.read() as tx:
+            return await tx.leases.find(beam_id=beam_id)
+
+    # -- events and commands ---------------------------------------------------------------
+
+    async def append_event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        case_id: str | None = None,
+        beam_id: str | None = None,
+        data: Mapping[str, object] | None = None,
+    ) -> EventRow:
+        async with self.transaction() as tx:
+            return await tx.events.append(
+                kind, message, case_id=case_id, beam_id=beam_id, data=data
+            )
+
+    async def recent_events(
+        self, limit: int = 100, *, case_id: str | None = None, beam_id: str | None = None
+    ) -> list[EventRow]:
+        async with self.read() as tx:
+            return await tx.events.recent(limit, case_id=case_id, beam_id=beam_id)
+
+    async def enqueue_command(
+        self, kind: CommandKind, case_id: str, payload: Mapping[str, object] | None = None
+    ) -> CommandRow | None:
+        """See `Commands.enqueue`: None when the case is unknown."""
+        async with self.transaction() as tx:
+            return await tx.commands.enqueue(kind, case_id, payload)
+
+    async def pending_commands(self, limit: int = 100) -> list[CommandRow]:
+        async with self.read() as tx:
+            return await tx.commands.pending(limit)
+
+    async def finish_command(
+        self, command_id: int, status: CommandStatus, result: str | None = None
+    ) -> CommandRow:
+        async with self.transaction() as tx:
+            return await tx.commands.finish(command_id, status, result)
+
+    # -- the status view -------------------------------------------------------------------
+
+    async def snapshot(self) -> list[CaseSnapshot]:
+        """Every case with its beams in one consistent read (two queries)."""
+        async with self.read() as tx:
+            return await tx.snapshot()
+
+
+async def read_status_snapshot(path: str | os.PathLike[str]) -> list[CaseSnapshot]:
+    """The `status` view for the CLI; [] when there is no database yet (nothing is created).
+
+    Raises:
+        DatabaseError: as `Store.open_readonly`.
+    """
+    db_path = absolute(path)
+    if await asyncio.to_thread(is_missing_or_empty, db_path):
+        return []
+    async with await Store.open_readonly(db_path) as store:
+        return await store.snapshot()
+
+
+async def submit_command(
+    path: str | os.PathLike[str],
+    kind: CommandKind,
+    case_id: str,
+    payload: Mapping[str, object] | None = None,
+) -> CommandRow | None:
+    """Record a command for the running (or next) service; None when the case is unknown.
+
+    Works beside a running service (its own short connection, waiting up to
+    `files.BUSY_TIMEOUT_S` for the write lock); creates no database.
+
+    Raises:
+        DatabaseError: `database_version`, `database_damaged`, `database_unavailable`.
+    """
+    db_path = absolute(path)
+    if await asyncio.to_thread(is_missing_or_empty, db_path):
+        return None
+    async with await Store._open_client(db_path) as store:
+        return await store.enqueue_command(kind, case_id, payload)

@@ -1,0 +1,124 @@
+"""All cases with their beams in one consistent read, in the shape of `status --json`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from mqi_async.domain.model import BeamStatus, CaseStatus
+from mqi_async.store.columns import decode_optional_time, decode_str_list, decode_time
+from mqi_async.store.session import Session
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BeamSnapshot:
+    """A beam as `status` shows it; `as_dict()` is exactly the CONTRACT.md beam object."""
+
+    beam_id: str
+    beam_number: int | None
+    status: BeamStatus
+    host: str | None
+    gpus: tuple[str, ...]
+    attempts: int
+    progress: int
+    outputs: tuple[str, ...]
+    error: str | None
+    # for the TUI; not part of `status --json`
+    beam_name: str | None
+    resume_status: BeamStatus | None
+    not_before_at: datetime | None
+    transfer_done_bytes: int
+    transfer_total_bytes: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "beam_id": self.beam_id,
+            "beam_number": self.beam_number,
+            "status": str(self.status),
+            "host": self.host,
+            "gpus": list(self.gpus),
+            "attempts": self.attempts,
+            "progress": self.progress,
+            "outputs": list(self.outputs),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaseSnapshot:
+    """A case as `status` shows it; `as_dict()` is exactly the CONTRACT.md case object."""
+
+    case_id: str
+    room: str | None
+    status: CaseStatus
+    progress: int
+    error: str | None
+    case_path: str
+    beams: tuple[BeamSnapshot, ...]
+    # for the TUI; not part of `status --json`
+    priority: int
+    created_at: datetime
+    updated_at: datetime
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "case_id": self.case_id,
+            "room": self.room,
+            "status": str(self.status),
+            "progress": self.progress,
+            "error": self.error,
+            "case_path": self.case_path,
+            "beams": [b.as_dict() for b in self.beams],
+        }
+
+
+def status_document(cases: list[CaseSnapshot]) -> dict[str, object]:
+    """The whole `status --json` object: `{"cases": [...]}`."""
+    return {"cases": [c.as_dict() for c in cases]}
+
+
+async def read_snapshot(session: Session) -> list[CaseSnapshot]:
+    """Every case in creation order with its beams by index: two queries, whatever the count."""
+    beams_of: dict[str, list[BeamSnapshot]] = {}
+    for r in await session.rows(
+        "SELECT case_id, beam_id, beam_number, status, host, gpu_uuids, attempts, progress,"
+        " outputs, error, beam_name, resume_status, not_before_at, transfer_done_bytes,"
+        " transfer_total_bytes FROM beams ORDER BY case_id, beam_index"
+    ):
+        resume = r["resume_status"]
+        beams_of.setdefault(r["case_id"], []).append(
+            BeamSnapshot(
+                beam_id=r["beam_id"],
+                beam_number=r["beam_number"],
+                status=BeamStatus(r["status"]),
+                host=r["host"],
+                gpus=decode_str_list(r["gpu_uuids"]),
+                attempts=r["attempts"],
+                progress=r["progress"],
+                outputs=decode_str_list(r["outputs"]),
+                error=r["error"],
+                beam_name=r["beam_name"],
+                resume_status=None if resume is None else BeamStatus(resume),
+                not_before_at=decode_optional_time(r["not_before_at"]),
+                transfer_done_bytes=r["transfer_done_bytes"],
+                transfer_total_bytes=r["transfer_total_bytes"],
+            )
+        )
+    return [
+        CaseSnapshot(
+            case_id=r["case_id"],
+            room=r["room"],
+            status=CaseStatus(r["status"]),
+            progress=r["progress"],
+            error=r["error"],
+            case_path=r["case_path"],
+            beams=tuple(beams_of.get(r["case_id"], ())),
+            priority=r["priority"],
+            created_at=decode_time(r["created_at"]),
+            updated_at=decode_time(r["updated_at"]),
+        )
+        for r in await session.rows(
+            "SELECT case_id, room, status, progress, error, case_path, priority, created_at,"
+            " updated_at FROM cases ORDER BY created_at, rowid"
+        )
+    ]

@@ -1,0 +1,254 @@
+"""Local CPU tools (interpreter, raw -> RT Dose, post-processing) as asyncio subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mqi_async.config import ToolsSettings
+from mqi_async.domain.errors import PermanentError, TransientError
+
+#: the bundled interpreter simulator, used when `tools.interpreter` is null
+BUNDLED_INTERPRETER = Path(__file__).parent / "demo" / "bin" / "mqi_interpreter"
+
+_KILL_GRACE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolResult:
+    """How one tool run ended; its output is in `log_path`."""
+
+    argv: tuple[str, ...]
+    exit_code: int | None
+    timed_out: bool
+    log_path: Path
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def last_line(self) -> str:
+        """The last non-empty log line, for error messages."""
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(max(0, self.log_path.stat().st_size - 4096))
+                lines = fh.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return ""
+        for line in reversed(lines):
+            if line.strip():
+                return line.strip()[:300]
+        return ""
+
+
+def fill_placeholders(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
+    """Substitute `{name}` placeholders in each argument; unknown names are an error."""
+    out = []
+    for arg in argv:
+        try:
+            out.append(arg.format_map(dict(values)))
+        except (KeyError, ValueError, IndexError) as exc:
+            raise PermanentError("tool_missing", f"bad placeholder in {arg!r}: {exc}") from exc
+    return out
+
+
+def _resolve_executable(argv0: str) -> str | None:
+    if os.sep in argv0:
+        return argv0 if os.access(argv0, os.X_OK) and Path(argv0).is_file() else None
+    return shutil.which(argv0)
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """TERM the whole process group, then KILL it if it lingers."""
+    if proc.returncode is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, _KILL_GRACE_S), (signal.SIGKILL, _KILL_GRACE_S)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            async with asyncio.timeout(wait_s):
+                await proc.wait()
+            return
+        except TimeoutError:
+            continue
+
+
+class Tools:
+    """Runs the configured local tools, at most `max_concurrent` at a time."""
+
+    def __init__(self, settings: ToolsSettings) -> None:
+        self._settings = settings
+        self._slots = asyncio.Semaphore(settings.max_concurrent or os.cpu_count() or 2)
+
+    def interpreter_argv(self) -> list[str]:
+        if self._settings.interpreter is not None:
+            return list(self._settings.interpreter)
+        return [
+            sys.executable,
+            str(BUNDLED_INTERPRETER),
+            "--logdir",
+            "{case_dir}",
+            "--outputdir",
+            "{csv_dir}",
+        ]
+
+    def check(self) -> list[str]:
+        """Problems with the configured tools (missing executables), one line each."""
+        problems = []
+        candidates: list[tuple[str, list[str]]] = [("tools.interpreter", self.interpreter_argv())]
+        if isinstance(self._settings.raw_to_dicom, list):
+            candidates.append(("tools.raw_to_dicom", self._settings.raw_to_dicom))
+        if self._settings.postprocess is not None:
+            candidates.append(("tools.postprocess", self._settings.postprocess))
+        for key, argv in candidates:
+            if "{" in argv[0]:
+                continue
+            if _resolve_executable(argv[0]) is None:
+                problems.append(f"{key}: {argv[0]!r} is not an executable file or on PATH")
+        return problems
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        timeout_s: float,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> ToolResult:
+        """Run one tool; stdout and stderr go to `log_path`; the group is killed on timeout or cancel."""
+        exe = _resolve_executable(argv[0])
+        if exe is None:
+            raise PermanentError(
+                "tool_missing", f"{argv[0]!r} is not an executable file or on PATH"
+            )
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = asyncio.get_running_loop().time()
+        async with self._slots:
+            with log_path.open("ab") as log:
+                header = f"# {datetime.now(UTC).isoformat()} {' '.join(argv)}\n"
+                log.write(header.encode())
+                log.flush()
+                proc = await asyncio.create_subprocess_exec(
+                    exe,
+                    *argv[1:],
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    cwd=cwd,
+                    env={**os.environ, **(env or {})},
+                    start_new_session=True,  # its own process group, so kill reaches children
+                )
+                timed_out = False
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        await proc.wait()
+                except TimeoutError:
+                    timed_out = True
+                    await _kill_group(proc)
+                except asyncio.CancelledError:
+                    await asyncio.shield(_kill_group(proc))
+                    raise
+        return ToolResult(
+            argv=tuple(argv),
+            exit_code=proc.returncode,
+            timed_out=timed_out,
+            log_path=log_path,
+            duration_s=asyncio.get_running_loop().time() - started,
+        )
+
+
+class LocalToolRunner:
+    """The engine's LocalTools: each tool run becomes success or a named error."""
+
+    def __init__(
+        self, tools: Tools, settings: ToolsSettings, moqui: Mapping[str, str | int | float | bool]
+    ) -> None:
+        self._tools = tools
+        self._s = settings
+        self._output_format = str(moqui.get("OutputFormat", "raw"))
+
+    def check(self) -> list[str]:
+        return self._tools.check()
+
+    async def interpret(self, *, case_path: Path, csv_dir: Path, log_path: Path) -> None:
+        argv = fill_placeholders(
+            self._tools.interpreter_argv(), {"case_dir": str(case_path), "csv_dir": str(csv_dir)}
+        )
+        csv_dir.mkdir(parents=True, exist_ok=True)
+        result = await self._tools.run(
+            argv, log_path=log_path, timeout_s=self._s.interpreter_timeout_seconds, cwd=csv_dir
+        )
+        if result.timed_out:
+            raise TransientError(
+                "interpreter_timeout",
+                f"killed after {self._s.interpreter_timeout_seconds:.0f} s; see {log_path}",
+            )
+        if not result.ok:
+            raise TransientError(
+                "interpreter_failed",
+                f"exit {result.exit_code}: {result.last_line() or 'no output'} (log: {log_path})",
+            )
+
+    async def make_rt_dose(
+        self,
+        *,
+        source: Path,
+        target: Path,
+        tps_input: Path,
+        plan: Path,
+        beam_number: int,
+        log_path: Path,
+    ) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if self._output_format == "dcm":
+            argv = [
+                sys.executable,
+                "-m",
+                "mqi_async.dose",
+                "--validate",
+                str(source),
+                "--output",
+                str(target),
+            ]
+        elif isinstance(self._s.raw_to_dicom, list):
+            argv = fill_placeholders(
+                self._s.raw_to_dicom,
+                {"input": str(source), "output_dir": str(target.parent), "output": str(target)},
+            )
+        else:
+            argv = [
+                sys.executable, "-m", "mqi_async.dose",
+                "--input", str(source), "--output", str(target),
+                "--tps", str(tps_input), "--plan", str(plan),
+                "--beam-number", str(beam_number),
+            ]  # fmt: skip
+        result = await self._tools.run(
+            argv, log_path=log_path, timeout_s=self._s.raw_to_dicom_timeout_seconds
+        )
+        if result.exit_code == 3:
+            raise TransientError("short_output", result.last_line())
+        if not result.ok:
+            raise TransientError(
+                "dose_conversion_failed", f"{result.last_line() or 'no output'} (log: {log_path})"
+            )
+        if not target.is_file():
+            raise TransientError("dose_conversion_failed", f"{target} was not written")
+
+    async def postprocess(self, *, values: Mapping[str, str], log_path: Path) -> bool | None:
+        if self._s.postprocess is None:
+            return None
+        argv = fill_placeholders(self._s.postprocess, values)
+        result = await self._tools.run(
+            argv, log_path=log_path, timeout_s=self._s.postprocess_timeout_seconds
+        )
+        return result.ok

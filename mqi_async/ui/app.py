@@ -1,0 +1,473 @@
+"""The Textual dashboard: cases, beams, GPUs and events, refreshed from a store snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Footer, Input, Label, RichLog, Static
+
+from mqi_async.domain.records import CommandKind
+from mqi_async.store import BeamSnapshot, CaseSnapshot, EventRow, GpuRow, LeaseRow, Store
+
+CASE_COLUMNS = ("case", "room", "status", "progress", "beams", "age", "error")
+BEAM_COLUMNS = ("beam", "#", "status", "host", "gpu", "attempt", "progress", "transfer", "elapsed")
+GPU_COLUMNS = ("host", "gpu", "name", "util", "memory", "temp", "owner")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dashboard:
+    """Everything one refresh shows, read from the store in one go."""
+
+    cases: Sequence[CaseSnapshot]
+    gpus: Sequence[GpuRow]
+    leases: Sequence[LeaseRow]
+    events: Sequence[EventRow]
+    hosts: Mapping[str, str] = field(default_factory=dict)
+    state: str = "running"
+
+
+def progress_bar(percent: int, width: int = 10) -> str:
+    filled = max(0, min(width, round(width * percent / 100)))
+    return "█" * filled + "░" * (width - filled) + f" {percent:3d}%"
+
+
+def human_age(then: datetime, now: datetime) -> str:
+    s = max(0, int((now - then).total_seconds()))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600}h"
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def case_cells(case: CaseSnapshot, now: datetime) -> tuple[str, ...]:
+    done = sum(1 for b in case.beams if b.status == "completed")
+    return (
+        case.case_id,
+        case.room or "-",
+        str(case.status),
+        progress_bar(case.progress),
+        f"{done}/{len(case.beams)}",
+        human_age(case.created_at, now),
+        (case.error or "")[:80],
+    )
+
+
+def beam_cells(
+    beam: BeamSnapshot, gpu_index: Mapping[str, int], now: datetime, updated: datetime
+) -> tuple[str, ...]:
+    gpus = ",".join(str(gpu_index.get(u, "?")) for u in beam.gpus) or "-"
+    transfer = "-"
+    if beam.transfer_total_bytes:
+        transfer = (
+            f"{human_bytes(beam.transfer_done_bytes)}/{human_bytes(beam.transfer_total_bytes)}"
+        )
+    status = str(beam.status)
+    if beam.status == "paused" and beam.resume_status:
+        status = f"paused ({beam.resume_status})"
+    return (
+        beam.beam_name or beam.beam_id,
+        str(beam.beam_number if beam.beam_number is not None else "-"),
+        status,
+        beam.host or "-",
+        gpus,
+        str(beam.attempts),
+        progress_bar(beam.progress),
+        transfer,
+        human_age(updated, now),
+    )
+
+
+def gpu_cells(gpu: GpuRow, owner: str | None) -> tuple[str, ...]:
+    who = owner or ("foreign" if gpu.has_foreign_process else "-")
+    return (
+        gpu.host,
+        str(gpu.index),
+        gpu.name,
+        f"{gpu.utilization_pct}%",
+        f"{gpu.memory_used_mb}/{gpu.memory_total_mb} MiB",
+        f"{gpu.temperature_c}°C",
+        who,
+    )
+
+
+def newest_log_text(runs_dir: Path, limit_bytes: int = 20000) -> str:
+    """The end of the newest attempt's MOQUI log (downloaded, or the live tail the engine keeps)."""
+    candidates = [p for p in runs_dir.glob("attempt_*/moqui.log*") if p.is_file()]
+    if not candidates:
+        return ""
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    try:
+        with newest.open("rb") as fh:
+            fh.seek(max(0, newest.stat().st_size - limit_bytes))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question; `y` confirms, `n` or escape declines."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n", "answer(False)", "No"),
+        Binding("escape", "answer(False)", "No"),
+    ]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self._question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self._question)
+            yield Label("[b]y[/b] yes   [b]n[/b] no")
+
+    def action_answer(self, answer: bool) -> None:
+        self.dismiss(answer)
+
+
+class LogScreen(ModalScreen[None]):
+    """Shows a beam's MOQUI log (or its events while the log is still on the host)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,l", "close", "Close")]
+
+    def __init__(self, title: str, text: str) -> None:
+        super().__init__()
+        self._title = title
+        self._text = text
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="log-dialog"):
+            yield Label(f"[b]{self._title}[/b]  (escape to close)")
+            yield Static(self._text, markup=False)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class DashboardApp(App[None]):
+    """Live view of the service; it reads the store and writes commands, nothing else."""
+
+    TITLE = "mqi-async"
+    CSS = """
+    #header { height: 1; background: $primary; color: $text; padding: 0 1; }
+    #left { width: 3fr; }
+    #right { width: 2fr; }
+    #cases { height: 2fr; }
+    #beams { height: 1fr; }
+    #gpus { height: 1fr; }
+    #events { height: 1fr; border-top: solid $primary; }
+    #filter { display: none; }
+    #filter.visible { display: block; }
+    #dialog, #log-dialog { background: $panel; border: thick $primary; padding: 1 2; margin: 4 8; }
+    ConfirmScreen, LogScreen { align: center middle; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("r", "retry", "Retry"),
+        Binding("c", "cancel", "Cancel"),
+        Binding("p", "priority", "Priority"),
+        Binding("/", "filter", "Filter"),
+        Binding("l", "log", "Log"),
+        Binding("q", "quit_service", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        work_directory: Path,
+        refresh_hz: float = 2.0,
+        hosts_state: Callable[[], Mapping[str, str]] = dict,
+        service_state: Callable[[], str] = lambda: "running",
+        on_quit: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._store = store
+        self._work = work_directory
+        self._interval_s = 1.0 / refresh_hz
+        self._hosts_state = hosts_state
+        self._service_state = service_state
+        self._on_quit = on_quit
+        self._filter = ""
+        self._selected_case: str | None = None
+        self._case_rows: dict[str, tuple[str, ...]] = {}
+        self._beam_rows: dict[str, tuple[str, ...]] = {}
+        self._gpu_rows: dict[str, tuple[str, ...]] = {}
+        self._last: Dashboard | None = None
+        self._last_event_id = 0
+        self._refreshing = False
+        #: the commands this app sent, for tests and the footer
+        self.sent: list[tuple[str, str]] = []
+
+    def compose(self) -> ComposeResult:
+        yield Static("mqi-async", id="header")
+        yield Input(placeholder="filter cases (enter to apply, escape to clear)", id="filter", disabled=True)
+        with Horizontal():
+            with Vertical(id="left"):
+                yield DataTable(id="cases", cursor_type="row", zebra_stripes=True)
+                yield DataTable(id="beams", cursor_type="row")
+            with Vertical(id="right"):
+                yield DataTable(id="gpus", cursor_type="row")
+                yield RichLog(id="events", max_lines=500, wrap=True, markup=False)
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        for table_id, columns in (
+            ("cases", CASE_COLUMNS),
+            ("beams", BEAM_COLUMNS),
+            ("gpus", GPU_COLUMNS),
+        ):
+            table = self.query_one(f"#{table_id}", DataTable)
+            for col in columns:
+                table.add_column(col, key=col)
+        self.query_one("#cases", DataTable).focus()
+        await self.refresh_view()
+        self.set_interval(self._interval_s, self._tick)
+
+    def _tick(self) -> None:
+        if not self._refreshing:
+            self._refresh_worker()
+
+    @work(exclusive=True, group="refresh", exit_on_error=False)
+    async def _refresh_worker(self) -> None:
+        await self.refresh_view()
+
+    async def read_dashboard(self) -> Dashboard:
+        return Dashboard(
+            cases=await self._store.snapshot(),
+            gpus=await self._store.list_gpus(),
+            leases=await self._store.list_leases(),
+            events=await self._store.recent_events(100),
+            hosts=self._hosts_state(),
+            state=self._service_state(),
+        )
+
+    async def refresh_view(self) -> None:
+        """Read a snapshot and update only the cells that changed."""
+        self._refreshing = True
+        try:
+            dash = await self.read_dashboard()
+            self._last = dash
+            now = datetime.now(UTC)
+            self._render_header(dash)
+            self._render_cases(dash, now)
+            self._render_beams(dash, now)
+            self._render_gpus(dash)
+            self._render_events(dash)
+        finally:
+            self._refreshing = False
+
+    def _render_header(self, dash: Dashboard) -> None:
+        hosts = "  ".join(f"{name}: {state}" for name, state in dash.hosts.items()) or "no hosts"
+        busy = {lease.uuid for lease in dash.leases}
+        total = len(dash.gpus)
+        active = sum(1 for c in dash.cases if not c.status.is_terminal)
+        queued = sum(1 for c in dash.cases for b in c.beams if b.status == "queued")
+        self.query_one("#header", Static).update(
+            f"mqi-async · {dash.state} · {hosts} · GPUs {len(busy)}/{total} leased · "
+            f"{active} active case(s) · {queued} beam(s) waiting for a GPU"
+        )
+
+    @staticmethod
+    def _sync(
+        table: DataTable[Any],
+        rows: dict[str, tuple[str, ...]],
+        new: dict[str, tuple[str, ...]],
+        columns: Sequence[str],
+    ) -> None:
+        for key in [k for k in rows if k not in new]:
+            table.remove_row(key)
+            del rows[key]
+        for key, cells in new.items():
+            old = rows.get(key)
+            if old is None:
+                table.add_row(*cells, key=key)
+            elif old != cells:
+                for col, before, after in zip(columns, old, cells, strict=True):
+                    if before != after:
+                        table.update_cell(key, col, after)
+            rows[key] = cells
+
+    def _visible_cases(self, dash: Dashboard) -> list[CaseSnapshot]:
+        f = self._filter.casefold()
+        if not f:
+            return list(dash.cases)
+        return [
+            c
+            for c in dash.cases
+            if f in c.case_id.casefold() or f in str(c.status) or f in (c.room or "").casefold()
+        ]
+
+    def _render_cases(self, dash: Dashboard, now: datetime) -> None:
+        table = self.query_one("#cases", DataTable)
+        new = {c.case_id: case_cells(c, now) for c in self._visible_cases(dash)}
+        self._sync(table, self._case_rows, new, CASE_COLUMNS)
+        if self._selected_case is None and new:
+            self._selected_case = next(iter(new))
+
+    def _render_beams(self, dash: Dashboard, now: datetime) -> None:
+        table = self.query_one("#beams", DataTable)
+        gpu_index = {g.uuid: g.index for g in dash.gpus}
+        case = next((c for c in dash.cases if c.case_id == self._selected_case), None)
+        new: dict[str, tuple[str, ...]] = {}
+        if case is not None:
+            new = {b.beam_id: beam_cells(b, gpu_index, now, case.updated_at) for b in case.beams}
+        self._sync(table, self._beam_rows, new, BEAM_COLUMNS)
+
+    def _render_gpus(self, dash: Dashboard) -> None:
+        table = self.query_one("#gpus", DataTable)
+        owners = {lease.uuid: lease.beam_id for lease in dash.leases}
+        new = {f"{g.host}/{g.uuid}": gpu_cells(g, owners.get(g.uuid)) for g in dash.gpus}
+        self._sync(table, self._gpu_rows, new, GPU_COLUMNS)
+
+    def _render_events(self, dash: Dashboard) -> None:
+        log = self.query_one("#events", RichLog)
+        for ev in sorted(dash.events, key=lambda e: e.event_id):
+            if ev.event_id <= self._last_event_id:
+                continue
+            who = ev.beam_id or ev.case_id or ""
+            log.write(f"{ev.at:%H:%M:%S} {who} {ev.kind}: {ev.message}")
+            self._last_event_id = ev.event_id
+
+    @on(DataTable.RowHighlighted, "#cases")
+    async def _case_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key.value is not None and event.row_key.value != self._selected_case:
+            self._selected_case = str(event.row_key.value)
+            if self._last is not None:
+                self._render_beams(self._last, datetime.now(UTC))
+
+    def selected_case(self) -> str | None:
+        return self._selected_case
+
+    def selected_beam(self) -> str | None:
+        table = self.query_one("#beams", DataTable)
+        if table.row_count == 0:
+            return None
+        try:
+            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
+        except Exception:
+            return None
+        return str(key.value) if key.value is not None else None
+
+    async def _send(self, kind: CommandKind, case_id: str) -> None:
+        row = await self._store.enqueue_command(kind, case_id)
+        if row is None:
+            self.notify(f"unknown case {case_id}", severity="error")
+            return
+        self.sent.append((str(kind), case_id))
+        self.notify(f"{kind} of {case_id} requested")
+
+    async def action_retry(self) -> None:
+        if self._selected_case:
+            await self._send(CommandKind.RETRY, self._selected_case)
+
+    async def action_priority(self) -> None:
+        if self._selected_case:
+            await self._send(CommandKind.PRIORITY, self._selected_case)
+
+    def action_cancel(self) -> None:
+        case_id = self._selected_case
+        if case_id is None:
+            return
+
+        async def answered(yes: bool | None) -> None:
+            if yes:
+                await self._send(CommandKind.CANCEL, case_id)
+
+        self.push_screen(
+            ConfirmScreen(f"Cancel case {case_id}? Running MOQUI jobs are killed."), answered
+        )
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.disabled = False
+        box.add_class("visible")
+        box.focus()
+
+    @on(Input.Submitted, "#filter")
+    async def _filter_submitted(self, event: Input.Submitted) -> None:
+        self._filter = event.value.strip()
+        event.input.disabled = True
+        self.query_one("#cases", DataTable).focus()
+        await self.refresh_view()
+
+    async def on_key(self, event: Any) -> None:
+        box = self.query_one("#filter", Input)
+        if event.key == "escape" and box.has_focus:
+            box.value = ""
+            box.remove_class("visible")
+            box.disabled = True
+            self._filter = ""
+            self.query_one("#cases", DataTable).focus()
+            await self.refresh_view()
+
+    async def action_log(self) -> None:
+        beam_id = self.selected_beam()
+        if beam_id is None:
+            return
+        beam = await self._store.get_beam(beam_id)
+        case = await self._store.get_case(beam.case_id) if beam else None
+        text = ""
+        if beam is not None and case is not None:
+            runs = self._work / case.safe_name / "runs" / f"beam_{beam.beam_index}"
+            text = await asyncio.to_thread(newest_log_text, runs)
+        if not text:
+            events = await self._store.recent_events(200, beam_id=beam_id)
+            text = "\n".join(f"{e.at:%H:%M:%S} {e.kind}: {e.message}" for e in reversed(events))
+        self.push_screen(LogScreen(f"log of {beam_id}", text or "(nothing yet)"))
+
+    def action_quit_service(self) -> None:
+        if self._on_quit is not None:
+            self._on_quit()
+        self.exit()
+
+
+async def run_dashboard(service: Any) -> None:
+    """Run the TUI in the service's loop; leaving it stops the service gracefully."""
+    engine = service.engine
+
+    def hosts_state() -> dict[str, str]:
+        out = {}
+        for name, host in service.hosts.items():
+            err = engine.host_errors.get(name)
+            out[name] = (
+                "connected"
+                if host.is_available() and not err
+                else f"paused ({(err or 'connecting')[:40]})"
+            )
+        return out
+
+    app = DashboardApp(
+        store=service.store,
+        work_directory=service.settings.work_directory,
+        refresh_hz=service.settings.ui.refresh_hz,
+        hosts_state=hosts_state,
+        service_state=lambda: service.state,
+        on_quit=service.request_stop,
+    )
+    try:
+        await app.run_async()
+    finally:
+        service.request_stop()
