@@ -8,10 +8,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from mqi_async.config import (
     LocalHostSettings,
@@ -20,6 +21,7 @@ from mqi_async.config import (
     SlurmHostSettings,
     SshHostSettings,
 )
+from mqi_async.domain.errors import ConfigError
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings
 from mqi_async.engine.engine import Engine, EngineSettings
@@ -33,7 +35,6 @@ from mqi_async.tools import LocalToolRunner, Tools
 
 log = logging.getLogger(__name__)
 
-BUNDLED_BIN = Path(__file__).parent / "demo" / "bin"
 #: graceful stop must end well inside systemd's TimeoutStopSec and the 10 s contract
 STOP_GRACE_S = 8.0
 
@@ -46,34 +47,26 @@ class SystemClock:
         return asyncio.get_running_loop().time()
 
 
-def moqui_argv(h: object) -> tuple[str, ...]:
-    """The MOQUI command for a host; the simulator when none is configured."""
-    command = getattr(h, "moqui_command", None)
-    if command:
-        return tuple(command)
-    if isinstance(h, SimulatedHostSettings):
-        return (sys.executable, str(BUNDLED_BIN / "tps_env"))
-    return ("tps_env",)
-
-
 def build_hosts(settings: Settings, work_root: Path) -> dict[str, Host]:
-    """One Host per configured host, by kind."""
+    """One Host per configured host, by kind; they share one limit on new SSH connections."""
     from mqi_async.hpc.local import LocalHost
     from mqi_async.hpc.simulated import SimulatedHost
+    from mqi_async.hpc.ssh import ConnectLimiter
     from mqi_async.hpc.ssh_host import SshHost
 
+    limiter = ConnectLimiter()
     hosts: dict[str, Host] = {}
     for h in settings.hosts:
         if isinstance(h, SimulatedHostSettings):
-            hosts[h.name] = SimulatedHost(h, root=work_root / "simulated" / h.name)
+            hosts[h.name] = SimulatedHost(
+                h, work_dir=work_root / "simulated" / h.name, limiter=limiter
+            )
         elif isinstance(h, LocalHostSettings):
-            hosts[h.name] = LocalHost(h)
+            hosts[h.name] = LocalHost.from_settings(h)
         elif isinstance(h, SshHostSettings):
-            hosts[h.name] = SshHost(h)
+            hosts[h.name] = SshHost.from_settings(h, limiter=limiter)
         elif isinstance(h, SlurmHostSettings):
-            from mqi_async.hpc.slurm import SlurmHost
-
-            hosts[h.name] = SlurmHost(h)
+            raise ConfigError([f"hosts: {h.name}: kind slurm is not available in this version"])
     return hosts
 
 
@@ -94,7 +87,7 @@ def engine_settings(settings: Settings, hosts: dict[str, Host]) -> EngineSetting
     return EngineSettings(
         workflow=WorkflowSettings(
             moqui_static=dict(settings.moqui),
-            moqui_argv={h.name: moqui_argv(h) for h in settings.hosts},
+            moqui_argv={name: tuple(host.moqui_command) for name, host in hosts.items()},
             run_timeout_s=settings.runs.timeout_seconds,
             max_attempts=settings.retry.max_attempts,
             backoff_initial_s=settings.retry.backoff_initial_seconds,
@@ -200,7 +193,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
 
 
 async def run_until_stopped(
-    service: Service, ui: Callable[[Service], Awaitable[None]] | None
+    service: Service, ui: Callable[[Service], Coroutine[Any, Any, None]] | None
 ) -> None:
     """Run engine, watcher (and UI) until a signal, `q`, or a fatal error."""
     loop = asyncio.get_running_loop()
@@ -267,6 +260,6 @@ def run_service(settings: Settings, *, headless: bool) -> int:
         remove_handlers(handlers)
 
 
-async def _main(settings: Settings, ui: Callable[[Service], Awaitable[None]] | None) -> None:
+async def _main(settings: Settings, ui: Callable[[Service], Coroutine[Any, Any, None]] | None) -> None:
     async with open_service(settings) as service:
         await run_until_stopped(service, ui)

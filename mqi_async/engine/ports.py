@@ -61,6 +61,11 @@ class Host(Protocol):
         ...
 
     @property
+    def moqui_command(self) -> Sequence[str]:
+        """The MOQUI executable as an argv prefix; the input file's path is appended."""
+        ...
+
+    @property
     def remote_root(self) -> str:
         """Absolute directory on the host under which every case lives."""
         ...

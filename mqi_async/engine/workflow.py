@@ -361,9 +361,13 @@ class BeamWorkflow:
         if status.state == JobState.LOST:
             await self._store.finish_run(run.run_id, RunStatus.LOST, error=format_error("run_lost"))
             return await self._attempt_failed(beam, "run_lost", "")
-        if status.exit_code != 0 or status.signal:
-            code = run_failure_code(status.exit_code, status.signal)
-            detail = f"MOQUI exited with {status.exit_code}" + (f": {last}" if last else "")
+        if status.exit_code != 0:
+            # name by exit status, as a shell reports it (134 = abort); the signal goes in the text
+            code = run_failure_code(
+                status.exit_code, None if status.exit_code is not None else status.signal
+            )
+            how = f"exit {status.exit_code}" + (f" (SIG{status.signal})" if status.signal else "")
+            detail = f"MOQUI ended with {how}" + (f": {last}" if last else "")
             await self._store.finish_run(
                 run.run_id,
                 RunStatus.FAILED,
@@ -372,7 +376,7 @@ class BeamWorkflow:
                 error=format_error(code, detail),
             )
             return await self._attempt_failed(beam, code, detail)
-        expected = expected_outputs(self._s.moqui_static, beam.beam_name or '')
+        expected = expected_outputs(self._s.moqui_static, beam.beam_name or "")
         listing = await host.list_dir(str(PurePosixPath(run.job_dir) / "dose"))
         missing = [o.name for o in expected if o.name not in listing]
         short = [
@@ -429,7 +433,7 @@ class BeamWorkflow:
             raise PermanentError("internal_error", "no run to download")
         dirs = CaseDirs.of(self._s.work_directory, case)
         local = dirs.attempt(beam, run.attempt)
-        names = [o.name for o in expected_outputs(self._s.moqui_static, beam.beam_name or '')]
+        names = [o.name for o in expected_outputs(self._s.moqui_static, beam.beam_name or "")]
 
         def progress(done: int, total: int) -> None:
             self._store_progress_transfer(beam.beam_id, done, total)
@@ -459,7 +463,7 @@ class BeamWorkflow:
         dirs = CaseDirs.of(self._s.work_directory, case)
         local = dirs.attempt(beam, run.attempt)
         outputs: list[str] = []
-        for out in expected_outputs(self._s.moqui_static, beam.beam_name or ''):
+        for out in expected_outputs(self._s.moqui_static, beam.beam_name or ""):
             target = dirs.dose / f"{dirs.beam_stem(beam)}_{Path(out.name).stem}.dcm"
             await self._tools.make_rt_dose(
                 source=local / "dose" / out.name,

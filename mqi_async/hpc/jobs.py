@@ -1,4 +1,4 @@
-"""The detached run protocol as pure POSIX-sh script builders and output parsers (ssh and local hosts)."""
+"""Detached runs as pure POSIX-sh script builders and output parsers, shared by ssh and local hosts."""
 
 from __future__ import annotations
 

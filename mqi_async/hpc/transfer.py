@@ -32,10 +32,6 @@ DEFAULT_BLOCK_SIZE = -1
 #: the slowest rate a transfer may crawl at before it counts as stuck (bytes/s)
 MIN_RATE_BPS = 1_000_000
 _BASE_TIMEOUT_S = 60.0
-#: downloads read this much per step; the previous step is written and hashed meanwhile
-_STREAM_CHUNK_BYTES = 16 * 2**20
-#: SFTP read requests in flight per file (asyncssh's default is 16, a 4 MiB window)
-_MAX_REQUESTS = 64
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 _HEX = frozenset("0123456789abcdef")
@@ -584,60 +580,6 @@ async def _expected(
     return (await survey).get(i)
 
 
-class _PartWriter:
-    """Writes a download to its `.part` file and hashes it on the way, in a worker thread."""
-
-    def __init__(self, part: Path) -> None:
-        self._file = part.open("wb")
-        self._hasher = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._hasher.update(data)
-        self.size += len(data)
-
-    def close(self) -> None:
-        self._file.close()
-
-    @property
-    def sha256(self) -> str:
-        return self._hasher.hexdigest()
-
-
-async def _stream(
-    sftp: asyncssh.SFTPClient,
-    source: str,
-    writer: _PartWriter,
-    on_bytes: Callable[[int], None],
-    block_size: int,
-) -> None:
-    """Read the remote file in parallel requests; write and hash the previous chunk meanwhile."""
-    pending: asyncio.Future[None] | None = None
-    try:
-        async with await sftp.open(
-            sftp_path(source),
-            "rb",
-            encoding=None,
-            block_size=block_size,
-            max_requests=_MAX_REQUESTS,
-        ) as remote:
-            while True:
-                data = await remote.read(_STREAM_CHUNK_BYTES)
-                assert isinstance(data, bytes)  # opened without an encoding
-                if pending is not None:
-                    await pending
-                    pending = None
-                if not data:
-                    return
-                on_bytes(len(data))
-                pending = asyncio.ensure_future(asyncio.to_thread(writer.write, data))
-    finally:
-        if pending is not None:
-            # a write in a thread cannot be stopped; wait for it before the file is closed
-            await asyncio.shield(pending)
-
-
 async def _download_file(
     pool: SshPool,
     source: str,
@@ -650,30 +592,25 @@ async def _download_file(
     part = target.with_name(target.name + PART_SUFFIX)
     limit_s = transfer_timeout_s(size)
     renamed = False
-    done = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        meter.file(source, done)
-
     try:
         async with asyncio.timeout(limit_s):
             await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-            writer = await asyncio.to_thread(_PartWriter, part)
-            try:
-                async with pool.sftp() as sftp:
-                    try:
-                        await _stream(sftp, source, writer, on_bytes, block_size)
-                    except asyncssh.SFTPConnectionLost:
-                        raise
-                    except asyncssh.SFTPError as exc:
-                        raise TransientError(
-                            "transfer_failed", f"host {pool.name}: reading {source}: {exc.reason}"
-                        ) from exc
-            finally:
-                await asyncio.shield(asyncio.to_thread(writer.close))
-            got = (writer.size, writer.sha256)
+            async with pool.sftp() as sftp:
+                try:
+                    await sftp.get(
+                        sftp_path(source),
+                        str(part),
+                        block_size=block_size,
+                        sparse=False,
+                        progress_handler=meter.handler(target.name),
+                    )
+                except asyncssh.SFTPConnectionLost:
+                    raise
+                except asyncssh.SFTPError as exc:
+                    raise TransientError(
+                        "transfer_failed", f"host {pool.name}: reading {source}: {exc.reason}"
+                    ) from exc
+            got = await asyncio.to_thread(_local_state, part)
             want = await expected()
             if want is None or got != want:
                 raise TransientError(

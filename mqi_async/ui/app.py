@@ -223,7 +223,9 @@ class DashboardApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield Static("mqi-async", id="header")
-        yield Input(placeholder="filter cases (enter to apply, escape to clear)", id="filter", disabled=True)
+        yield Input(
+            placeholder="filter cases (enter to apply, escape to clear)", id="filter", disabled=True
+        )
         with Horizontal():
             with Vertical(id="left"):
                 yield DataTable(id="cases", cursor_type="row", zebra_stripes=True)

@@ -18,7 +18,9 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     s = await Store.open(tmp_path / "mqi.db")
     for i in (1, 2):
         await s.register_case(
-            NewCase(case_id=f"case{i}", case_path=f"/scan/case{i}", safe_name=f"case{i}", room="G1"),
+            NewCase(
+                case_id=f"case{i}", case_path=f"/scan/case{i}", safe_name=f"case{i}", room="G1"
+            ),
             beams=[NewBeam(beam_index=k, beam_number=k + 1, beam_name=f"{k}G090") for k in (1, 2)],
         )
     await s.transition_case("case1", CaseStatus.INTERPRETING)
@@ -81,7 +83,9 @@ async def test_view_refreshes_when_store_changes(store: Store, tmp_path: Path) -
     async with app.run_test(size=(160, 40)) as pilot:
         await pilot.pause()
         await store.transition_beam("case1_beam_1", BeamStatus.QUEUED, changes={"progress": 10})
-        await store.register_case(NewCase(case_id="case3", case_path="/scan/case3", safe_name="case3"))
+        await store.register_case(
+            NewCase(case_id="case3", case_path="/scan/case3", safe_name="case3")
+        )
         beams = app.query_one("#beams")
         cases = app.query_one("#cases")
         for _ in range(100):
