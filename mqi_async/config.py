@@ -180,7 +180,7 @@ class LoggingSettings(_Section):
         return v.upper() if isinstance(v, str) else v
 
 
-def _default_moqui() -> dict[str, str | int | float | bool]:
+def default_moqui() -> dict[str, str | int | float | bool]:
     return {
         "RandomSeed": -1932780356,
         "UseAbsolutePath": True,
@@ -233,7 +233,7 @@ class Settings(BaseSettings):
     tools: ToolsSettings = ToolsSettings()
     gpu: GpuSettings = GpuSettings()
     runs: RunsSettings = RunsSettings()
-    moqui: dict[str, str | int | float | bool] = Field(default_factory=_default_moqui)
+    moqui: dict[str, str | int | float | bool] = Field(default_factory=default_moqui)
     retry: RetrySettings = RetrySettings()
     ui: UiSettings = UiSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -260,6 +260,8 @@ def run_service(settings: Settings, *, headless: bool) -> int:
         remove_handlers(handlers)
 
 
-async def _main(settings: Settings, ui: Callable[[Service], Coroutine[Any, Any, None]] | None) -> None:
+async def _main(
+    settings: Settings, ui: Callable[[Service], Coroutine[Any, Any, None]] | None
+) -> None:
     async with open_service(settings) as service:
         await run_until_stopped(service, ui)

@@ -34,10 +34,20 @@ class GpuPoller:
         self._on_sample = on_sample
         self._on_host_error = on_host_error
         self._now = asyncio.Event()
+        self._sampled = asyncio.Condition()
+        self.samples_taken = 0
         self.last_error: str | None = None
 
     def poll_now(self) -> None:
         self._now.set()
+
+    async def poll_now_and_wait(self, timeout_s: float = 30.0) -> None:
+        """Ask for a sample now and wait until one (or a failure) has come in."""
+        async with self._sampled:
+            seen = self.samples_taken
+            self._now.set()
+            async with asyncio.timeout(timeout_s):
+                await self._sampled.wait_for(lambda: self.samples_taken > seen)
 
     async def run(self) -> None:
         if not self._host.leases_gpus:
@@ -53,6 +63,9 @@ class GpuPoller:
                 self.last_error = None
                 self._on_sample(sample)
                 await self._store.record_gpu_sample(sample)
+            async with self._sampled:
+                self.samples_taken += 1
+                self._sampled.notify_all()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval_s):
                     await self._now.wait()

@@ -14,6 +14,7 @@ from mqi_async.domain.plan import find_rtplan_candidates, select_rtplan
 from mqi_async.domain.records import ResolvedCase
 from mqi_async.ingest.layout import (
     PLANINFO_NAME,
+    ROOMS,
     case_identity,
     is_case_dir,
     is_ptn,
@@ -53,8 +54,17 @@ def _listing(path: str) -> tuple[list[str], list[str]]:
     return files, dirs
 
 
+def is_scan_root_or_room(scan_dir: str, path: str) -> bool:
+    """True for the scan directory itself and for a room folder (`G1`, `G2`) right below it:
+    neither is ever a case, and a marker in them marks nothing."""
+    relative = os.path.relpath(os.path.normpath(path), os.path.normpath(scan_dir))
+    return relative == os.curdir or relative in ROOMS
+
+
 def check_case_dir(scan_dir: str, path: str, marker: str) -> FoundCase | None:
     """The ready case at `path`, or None when it is not a case or not ready yet."""
+    if is_scan_root_or_room(scan_dir, path):
+        return None
     files, dirs = _listing(path)
     subdir_files = {
         d: _listing(os.path.join(path, d))[0] for d in dirs if not is_staging_component(d)
@@ -97,11 +107,14 @@ def scan_tree(scan_dir: str, root: str, marker: str, *, max_depth: int = 6) -> l
 
 def check_candidates(scan_dir: str, paths: list[str], marker: str) -> list[FoundCase]:
     """Resolve changed paths to ready cases: the nearest case folder at or above each path,
-    and, for folders, any case below them (inotify misses files made right after mkdir)."""
+    and, for folders, any case below them (inotify misses files made right after mkdir).
+    A marker file counts as its folder: in the nested layout the study folders that it
+    makes ready are below it, not above."""
     seen: dict[str, FoundCase] = {}
     for path in paths:
-        if os.path.isdir(path):
-            for case in scan_tree(scan_dir, path, marker, max_depth=3):
+        below = os.path.dirname(path) if os.path.basename(path) == marker else path
+        if os.path.isdir(below) and not (below != path and is_scan_root_or_room(scan_dir, below)):
+            for case in scan_tree(scan_dir, below, marker, max_depth=3):
                 seen[case.case_path] = case
         current = os.path.normpath(path)
         stop = os.path.normpath(scan_dir)

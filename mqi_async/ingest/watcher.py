@@ -12,7 +12,7 @@ from pathlib import Path
 from watchfiles import Change, awatch
 
 from mqi_async.config import IngestSettings
-from mqi_async.ingest.layout import PathKind, classify_event_path
+from mqi_async.ingest.layout import ROOMS, PathKind, classify_event_path
 from mqi_async.ingest.reader import FoundCase, check_candidates, scan_tree
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class CaseWatcher:
             scan_tree, str(self._dir), str(self._dir), self._s.ready_marker, max_depth=8
         )
         for case in found:
-            await self._on_case(case, False)
+            await self._report(case, False)
         self.last_scan_s = loop.time() - started
         log.info("scan found %d ready case(s) in %.2f s", len(found), self.last_scan_s)
         return found
@@ -100,22 +100,52 @@ class CaseWatcher:
             await asyncio.sleep(self._s.rescan_seconds)
             await self.scan()
 
+    async def _report(self, case: FoundCase, new_ptn: bool) -> None:
+        # one case that cannot be registered (say, a name the database refuses) must not
+        # stop the watcher, nor keep the cases after it in the scan from being registered
+        try:
+            await self._on_case(case, new_ptn)
+        except Exception:
+            log.exception(
+                "could not register case %r at %s",
+                case.case_id,
+                case.case_path,
+                extra={"component": "watcher"},
+            )
+
     async def _watch(self, listening: asyncio.Event) -> None:
+        try:
+            await self._watch_with(listening, force_polling=self.force_polling)
+        except (OSError, RuntimeError) as exc:
+            # inotify refused (watch or instance limit reached): poll instead
+            if self.force_polling or listening.is_set():
+                raise
+            log.warning("inotify unavailable (%s); watching by polling", exc)
+            self.force_polling = True
+            await self._watch_with(listening, force_polling=True)
+
+    async def _watch_with(self, listening: asyncio.Event, *, force_polling: bool) -> None:
         stop = asyncio.Event()
         watcher = awatch(
             self._dir,
             recursive=True,
-            force_polling=self.force_polling,
+            force_polling=force_polling,
             poll_delay_ms=self._s.poll_delay_ms,
             debounce=200,
             step=20,
             stop_event=stop,
             ignore_permission_denied=True,
+            # the default filter drops names like `x~`, `.#x` or anything below a `.git`
+            # folder; every name on disk may be a case, and the layout rules filter here
+            watch_filter=None,
         )
+        first = asyncio.ensure_future(anext(watcher))
         try:
-            first = asyncio.ensure_future(anext(watcher))
             # awatch sets up its watch on the first step; give it that step before scanning
             await asyncio.sleep(0.2)
+            if first.done() and first.exception() is not None:
+                # the watch could not be set up; nothing is listening
+                await first
             listening.set()
             changes = await first
             while True:
@@ -123,6 +153,10 @@ class CaseWatcher:
                 changes = await anext(watcher)
         finally:
             stop.set()
+            first.cancel()
+            await asyncio.wait({first})
+            if not first.cancelled():
+                first.exception()  # retrieved, so it is never logged as unhandled
             with contextlib.suppress(Exception):
                 await watcher.aclose()
 
@@ -134,6 +168,10 @@ class CaseWatcher:
                 continue
             event = classify_event_path(str(self._dir), path, marker=self._s.ready_marker)
             if event.kind == PathKind.IGNORED:
+                if change == Change.added and self._is_room_folder(path):
+                    # a new room folder: what was made inside it before its watch was
+                    # added gives no event of its own, so look below it once
+                    paths.append(path)
                 continue
             if event.kind == PathKind.PTN and change == Change.added:
                 new_ptn_paths.append(path)
@@ -145,4 +183,8 @@ class CaseWatcher:
         )
         for case in found:
             new_ptn = any(p.startswith(case.case_path + os.sep) for p in new_ptn_paths)
-            await self._on_case(case, new_ptn)
+            await self._report(case, new_ptn)
+
+    def _is_room_folder(self, path: str) -> bool:
+        relative = os.path.relpath(os.path.normpath(path), os.path.normpath(self._dir))
+        return relative in ROOMS
