@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 
@@ -52,7 +53,9 @@ async def test_three_cases_four_beams_two_gpus(tmp_path: Path, sshd: SshdServer)
             assert np.max(np.abs(dose - raw)) <= raw.max() / 65535 * 1.01 + 1e-12
             one_dcm = dcm
     assert one_dcm is not None
-    out = subprocess.run([str(DCIODVFY), str(one_dcm)], capture_output=True, text=True)
+    out = await asyncio.to_thread(
+        subprocess.run, [str(DCIODVFY), str(one_dcm)], capture_output=True, text=True
+    )
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
     assert errors == []
 
