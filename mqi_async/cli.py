@@ -116,13 +116,17 @@ def _status_table(cases: list[dict[str, Any]]) -> str:
 
 
 async def _status(settings: Settings, as_json: bool) -> int:
-    from mqi_async.store.db import read_status_snapshot
+    from mqi_async.store.db import read_status_document
 
-    cases = [c.as_dict() for c in await read_status_snapshot(settings.database)]
+    doc = await read_status_document(settings.database)
     if as_json:
-        print(json.dumps({"cases": cases}, ensure_ascii=False))
-    else:
-        print(_status_table(cases))
+        # the contract's document is exactly {"cases": [...]}; host states show in the table
+        print(json.dumps({"cases": doc["cases"]}, ensure_ascii=False))
+        return EXIT_OK
+    for host in doc["hosts"]:  # type: ignore[attr-defined]
+        line = f"host {host['name']}: {host['state']}"
+        print(line + (f" ({host['error']})" if host["error"] else ""))
+    print(_status_table(doc["cases"]))  # type: ignore[arg-type]
     return EXIT_OK
 
 

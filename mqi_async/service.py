@@ -21,7 +21,6 @@ from mqi_async.config import (
     SlurmHostSettings,
     SshHostSettings,
 )
-from mqi_async.domain.errors import ConfigError
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings
 from mqi_async.engine.engine import Engine, EngineSettings
@@ -66,7 +65,11 @@ def build_hosts(settings: Settings, work_root: Path) -> dict[str, Host]:
         elif isinstance(h, SshHostSettings):
             hosts[h.name] = SshHost.from_settings(h, limiter=limiter)
         elif isinstance(h, SlurmHostSettings):
-            raise ConfigError([f"hosts: {h.name}: kind slurm is not available in this version"])
+            from mqi_async.hpc.slurm import SlurmHost
+
+            hosts[h.name] = SlurmHost.from_settings(
+                h, limiter=limiter, all_gpus=settings.gpu.allocation == "all_gpus"
+            )
     return hosts
 
 
@@ -241,6 +244,8 @@ async def _supervised_watcher(service: Service) -> None:
 
 def run_service(settings: Settings, *, headless: bool) -> int:
     """`mqi-async run`: 0 after a graceful stop, 2 when another instance holds the database."""
+    # everything the service creates (database, logs, work files) is private to its user
+    os.umask(0o077)
     handlers = configure_logging(
         level=settings.logging.level,
         directory=settings.logging.directory,

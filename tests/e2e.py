@@ -105,7 +105,7 @@ def make_rig(
     """Write a config whose one host is the test sshd running the bundled simulators."""
     root.mkdir(parents=True, exist_ok=True)
     state = root / "sim-state"
-    remote_root = sshd.work_dir / "runs" / root.name
+    remote_root = sshd.work_dir / "runs" / f"{root.parent.name}-{root.name}"
     env = [
         "env",
         f"MQI_SIM_STATE_DIR={state}",

@@ -16,20 +16,30 @@ the reason when they are missing, or fails under MQI_TEST_REQUIRE_SLURM=1.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
+import yaml
 
+from mqi_async.config import Settings, load_settings
+from mqi_async.demo.cases import CaseSpec, WrittenCase, write_case
+from mqi_async.service import Service, open_service, run_until_stopped
 from tests.sshd import SshdServer, find_sshd, free_port
 
 REQUIRE_SLURM_ENV = "MQI_TEST_REQUIRE_SLURM"
@@ -390,3 +400,188 @@ def cluster_or_skip() -> SlurmCluster:
         return start_cluster()
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         pytest.fail(f"the Slurm test cluster did not start: {exc}")
+
+
+@contextlib.contextmanager
+def module_cluster() -> Iterator[SlurmCluster]:
+    """Body of a module-scoped fixture: one cluster for the module, stopped at its end."""
+    cluster = cluster_or_skip()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def fresh(cluster: SlurmCluster) -> SlurmCluster:
+    """The cluster with its controller and login node up and no job left from earlier tests."""
+    if cluster._daemon_pid("slurmctld") is None:
+        cluster.start_controller()
+    if cluster.login is not None:
+        cluster.login.start()
+    cluster.cancel_all()
+    return cluster
+
+
+# -- building hosts and configs against the cluster ---------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / "mqi_async" / "demo" / "bin"
+
+#: small phantom so raw files stay tiny and runs fast
+SMALL_PHANTOM: dict[str, Any] = {
+    "PhantomDimX": 20,
+    "PhantomDimY": 16,
+    "PhantomDimZ": 10,
+    "PhantomPositionX": -10,
+    "PhantomPositionY": -8,
+    "PhantomPositionZ": -5,
+}
+
+
+def sim_env(state_dir: Path, *, run_seconds: float, gpus: int = GPUS) -> list[str]:
+    """An `env` argv prefix steering the MOQUI simulator."""
+    return [
+        "env",
+        f"MQI_SIM_STATE_DIR={state_dir}",
+        f"MQI_SIM_GPUS={gpus}",
+        f"MQI_SIM_RUN_SECONDS={run_seconds}",
+    ]
+
+
+def tps_env_argv(state_dir: Path, *, run_seconds: float) -> list[str]:
+    return [*sim_env(state_dir, run_seconds=run_seconds), sys.executable, str(BIN / "tps_env")]
+
+
+def slurm_host_config(
+    cluster: SlurmCluster,
+    *,
+    name: str,
+    remote_root: Path,
+    moqui_command: Sequence[str],
+    **extra: Any,
+) -> dict[str, Any]:
+    """A `kind: slurm` entry of config.yaml whose login node is the cluster's sshd."""
+    login = cluster.login
+    assert login is not None
+    return {
+        "name": name,
+        "kind": "slurm",
+        "address": login.host,
+        "port": login.port,
+        "username": login.user,
+        "client_keys": [str(login.key_path)],
+        "known_hosts": str(login.known_hosts_path),
+        "remote_root": str(remote_root),
+        "moqui_command": list(moqui_command),
+        "connect_timeout_seconds": 5,
+        "keepalive_seconds": 5,
+        "partition": "gpu",
+        "gres": "gpu:1",
+        **extra,
+    }
+
+
+def write_config(root: Path, hosts: list[dict[str, Any]], **overrides: Any) -> Path:
+    """A config.yaml under root (scan, work, database relative to it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    defaults = dict(load_settings(None).moqui)
+    config: dict[str, Any] = {
+        "scan_directory": "incoming",
+        "work_directory": "work",
+        "database": "mqi.db",
+        "ingest": {"rescan_seconds": 5},
+        "hosts": hosts,
+        "gpu": {"poll_seconds": 1, "min_free_memory_mb": 1000},
+        "runs": {"poll_seconds": 0.5, "timeout_seconds": 300},
+        "retry": {"max_attempts": 3, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 1},
+        "moqui": {**defaults, **SMALL_PHANTOM},
+        "logging": {"directory": "logs", "level": "DEBUG"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def drop_case(scan: Path, case_id: str, *, beams: int) -> WrittenCase:
+    first = (datetime.now() - timedelta(hours=3)).replace(microsecond=0)
+    spec = CaseSpec(
+        case_id=case_id, beams=beams, layers_per_beam=1, samples_per_layer=8,
+        first_delivery_at=first,
+    )  # fmt: skip
+    return write_case(scan, spec, marker_last=True)
+
+
+@contextlib.asynccontextmanager
+async def running_service(settings: Settings) -> AsyncIterator[Service]:
+    """The whole service in this event loop (no UI), stopped gracefully on exit."""
+    async with open_service(settings) as service:
+        task = asyncio.create_task(run_until_stopped(service, None))
+        try:
+            await asyncio.wait_for(service.engine.ready.wait(), 30)
+            yield service
+        finally:
+            service.request_stop()
+            await asyncio.wait_for(task, 30)
+
+
+async def wait_until(
+    check: Callable[[], Any], *, timeout_s: float = 60.0, interval_s: float = 0.2, what: str = ""
+) -> Any:
+    """Poll an async or sync predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
+class ConcurrencyProbe:
+    """Samples, in the background, how many simulator processes hold a (fake) GPU and how
+    many jobs Slurm runs; records the maxima and any GPU used twice at once."""
+
+    def __init__(self, cluster: SlurmCluster, state_dir: Path, interval_s: float = 0.1) -> None:
+        self._cluster = cluster
+        self._procs = state_dir / "procs"
+        self._interval_s = interval_s
+        self.max_procs = 0
+        self.max_running = 0
+        self.gpu_clash: list[list[int]] = []
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def _sample(self) -> tuple[list[int], int]:
+        indices: list[int] = []
+        for path in self._procs.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                indices.append(int(json.loads(path.read_text())["gpu_index"]))
+        return indices, len(self._cluster.running_jobs())
+
+    async def _run(self) -> None:
+        while True:
+            indices, running = await asyncio.to_thread(self._sample)
+            self.samples += 1
+            self.max_procs = max(self.max_procs, len(indices))
+            self.max_running = max(self.max_running, running)
+            if len(set(indices)) != len(indices):
+                self.gpu_clash.append(sorted(indices))
+            await asyncio.sleep(self._interval_s)
+
+    async def __aenter__(self) -> ConcurrencyProbe:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

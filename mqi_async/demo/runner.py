@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -130,6 +131,7 @@ async def _run(settings: Settings, options: DemoOptions) -> int:
 def run_demo(options: DemoOptions) -> int:
     from mqi_async.log import configure_logging, remove_handlers
 
+    os.umask(0o077)
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="mqi-demo-"))
     workdir = workdir.expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,8 @@ class Engine:
         #: cases being cancelled; dispatch leaves them alone meanwhile
         self._cancelling: set[str] = set()
         self.host_errors: dict[str, str | None] = dict.fromkeys(hosts)
+        #: what the store last heard about each host, so only changes are written
+        self._host_states: dict[str, tuple[str, str | None]] = {}
         self.pollers = {
             name: GpuPoller(
                 host,
@@ -238,7 +240,24 @@ class Engine:
                 async with asyncio.timeout(self._s.dispatch_interval_s):
                     await self._wake.wait()
 
+    def host_state(self, name: str) -> tuple[str, str | None]:
+        """("connected" | "paused" | "connecting", error) of one host."""
+        error = self.host_errors.get(name)
+        if error:
+            return "paused", error
+        if self._hosts[name].is_available():
+            return "connected", None
+        return "connecting", None
+
+    async def _record_host_states(self) -> None:
+        for name in self._hosts:
+            state = self.host_state(name)
+            if self._host_states.get(name) != state:
+                await self._store.record_host_state(name, state[0], state[1])
+                self._host_states[name] = state
+
     async def _dispatch(self) -> None:
+        await self._record_host_states()
         now = self._clock.now()
         for case in await self._store.list_cases(DRIVEN_CASES):
             if case.status == C.PROCESSING or case.case_id in self._cancelling:

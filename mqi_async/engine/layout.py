@@ -61,5 +61,6 @@ class RemoteDirs:
     def logs(self) -> str:
         return str(self.case_root / "inputs" / "log")
 
-    def attempt(self, attempt: int) -> str:
-        return str(self.case_root / self.beam_stem / str(attempt))
+    def attempt(self, attempt: int, token: str) -> str:
+        """`<attempt>-<token>`: the token keeps a new database from adopting an old run's folder."""
+        return str(self.case_root / self.beam_stem / f"{attempt}-{token}")

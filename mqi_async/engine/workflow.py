@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -265,8 +266,12 @@ class BeamWorkflow:
         await self._uploads.ensure(host, case, dirs.csv, remote.inputs)
         indices = beam.gpu_indices
         if run is None:
+            token = secrets.token_hex(4)
             run = await self._store.start_run(
-                beam.beam_id, host=host.name, gpu_uuids=beam.gpu_uuids, job_dir_for=remote.attempt
+                beam.beam_id,
+                host=host.name,
+                gpu_uuids=beam.gpu_uuids,
+                job_dir_for=lambda n: remote.attempt(n, token),
             )
         gantry = case.gantry or 2
         tps = render_tps_input(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 from watchfiles import Change, awatch
@@ -35,6 +36,12 @@ _NETWORK_FS = frozenset(
     }
 )
 
+#: a failed polling watch starts again after this pause, doubling while failures repeat
+_RESTART_FIRST_S = 1.0
+_RESTART_MAX_S = 30.0
+#: failures further apart than this do not lengthen the pause
+_FAILURE_MEMORY_S = 300.0
+
 #: called once per ready case found; `new_ptn` when a *.ptn file was just added to it
 OnCase = Callable[[FoundCase, bool], Awaitable[None]]
 
@@ -57,6 +64,19 @@ def filesystem_type(path: Path) -> str:
         ):
             best, fstype = mount, parts[2]
     return fstype
+
+
+class _WatchLost(Exception):
+    """The watchfiles watch failed (its cause is attached); a new one is needed."""
+
+
+async def _next_changes(
+    watcher: AsyncGenerator[set[tuple[Change, str]], None],
+) -> set[tuple[Change, str]]:
+    try:
+        return await anext(watcher)
+    except Exception as exc:  # anything the watch raises (groups included) ends this watch
+        raise _WatchLost(str(exc)) from exc
 
 
 class CaseWatcher:
@@ -114,17 +134,55 @@ class CaseWatcher:
             )
 
     async def _watch(self, listening: asyncio.Event) -> None:
-        try:
-            await self._watch_with(listening, force_polling=self.force_polling)
-        except (OSError, RuntimeError) as exc:
-            # inotify refused (watch or instance limit reached): poll instead
-            if self.force_polling or listening.is_set():
-                raise
-            log.warning("inotify unavailable (%s); watching by polling", exc)
-            self.force_polling = True
-            await self._watch_with(listening, force_polling=True)
+        """Watch until cancelled. A watch that fails is never the end of intake: inotify
+        gives way to polling, a failed polling watch starts again after a pause, and each
+        new watch is followed by a full scan for what the failed one may have missed."""
+        failures = 0
+        last_failure = -math.inf
+        rescan = False
+        while True:
+            started = asyncio.Event()
+            polling = self.force_polling
+            try:
+                await self._watch_with(listening, started, force_polling=polling, rescan=rescan)
+                return
+            except _WatchLost as lost:
+                # watchfiles cannot watch: inotify limits reached, or a path that is not
+                # UTF-8 (a folder name from a Windows code page), which fails every batch
+                # that holds it, and inotify's setup whenever such a folder exists
+                if not polling:
+                    log.warning(
+                        "inotify watch of %s failed (%s); watching by polling from now on",
+                        self._dir,
+                        lost.__cause__,
+                        extra={"component": "watcher"},
+                    )
+                    self.force_polling = True
+                elif not started.is_set():
+                    raise
+                else:
+                    now = asyncio.get_running_loop().time()
+                    failures = failures + 1 if now - last_failure < _FAILURE_MEMORY_S else 1
+                    last_failure = now
+                    delay = min(_RESTART_MAX_S, _RESTART_FIRST_S * 2 ** (failures - 1))
+                    log.warning(
+                        "watch of %s failed (%s); watching again in %.1f s",
+                        self._dir,
+                        lost.__cause__,
+                        delay,
+                        extra={"component": "watcher"},
+                    )
+                    await asyncio.sleep(delay)
+                rescan = listening.is_set()
 
-    async def _watch_with(self, listening: asyncio.Event, *, force_polling: bool) -> None:
+    async def _watch_with(
+        self,
+        listening: asyncio.Event,
+        started: asyncio.Event,
+        *,
+        force_polling: bool,
+        rescan: bool,
+    ) -> None:
         stop = asyncio.Event()
         watcher = awatch(
             self._dir,
@@ -139,18 +197,21 @@ class CaseWatcher:
             # folder; every name on disk may be a case, and the layout rules filter here
             watch_filter=None,
         )
-        first = asyncio.ensure_future(anext(watcher))
+        first = asyncio.ensure_future(_next_changes(watcher))
         try:
             # awatch sets up its watch on the first step; give it that step before scanning
             await asyncio.sleep(0.2)
             if first.done() and first.exception() is not None:
                 # the watch could not be set up; nothing is listening
                 await first
+            started.set()
             listening.set()
+            if rescan:
+                await self.scan()
             changes = await first
             while True:
                 await self._handle(changes)
-                changes = await anext(watcher)
+                changes = await _next_changes(watcher)
         finally:
             stop.set()
             first.cancel()

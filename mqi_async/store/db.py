@@ -47,6 +47,7 @@ from mqi_async.store.files import (
     readwrite_uri,
 )
 from mqi_async.store.gpus import GpuRow, Gpus
+from mqi_async.store.hosts import HostRow, Hosts
 from mqi_async.store.leases import Leases
 from mqi_async.store.runs import Runs
 from mqi_async.store.schema import migrate
@@ -77,6 +78,7 @@ class Transaction:
         "deliveries",
         "events",
         "gpus",
+        "hosts",
         "leases",
         "runs",
     )
@@ -88,6 +90,7 @@ class Transaction:
         self.deliveries = Deliveries(session)
         self.runs = Runs(session)
         self.gpus = Gpus(session)
+        self.hosts = Hosts(session)
         self.leases = Leases(session)
         self.events = Events(session)
         self.commands = Commands(session)
@@ -494,6 +497,14 @@ class Store:
         async with self.read() as tx:
             return await tx.gpus.find(host)
 
+    async def record_host_state(self, name: str, state: str, error: str | None) -> None:
+        async with self.transaction() as tx:
+            await tx.hosts.record(name, state, error)
+
+    async def list_hosts(self) -> list[HostRow]:
+        async with self.read() as tx:
+            return await tx.hosts.find()
+
     async def lease_gpus(self, beam_id: str, host: str, uuids: Sequence[str]) -> bool:
         """See `Leases.take`: all or nothing; False when any GPU is held by another beam."""
         async with self.transaction() as tx:
@@ -557,6 +568,18 @@ class Store:
         """Every case with its beams in one consistent read (two queries)."""
         async with self.read() as tx:
             return await tx.snapshot()
+
+
+async def read_status_document(path: str | os.PathLike[str]) -> dict[str, object]:
+    """The cases (the `status --json` document) and the hosts' states, for the `status` command."""
+    db_path = absolute(path)
+    if await asyncio.to_thread(is_missing_or_empty, db_path):
+        return {"cases": [], "hosts": []}
+    async with await Store.open_readonly(db_path) as store:
+        async with store.read() as tx:
+            cases = await tx.snapshot()
+            hosts = await tx.hosts.find()
+    return {"cases": [c.as_dict() for c in cases], "hosts": [h.as_dict() for h in hosts]}
 
 
 async def read_status_snapshot(path: str | os.PathLike[str]) -> list[CaseSnapshot]:

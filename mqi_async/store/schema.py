@@ -184,10 +184,20 @@ ALTER TABLE beams ADD COLUMN gpu_indices TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE beams ADD COLUMN attempts_base INTEGER NOT NULL DEFAULT 0 CHECK (attempts_base >= 0);
 """
 
+_V4 = """
+CREATE TABLE hosts (
+    name        TEXT PRIMARY KEY,
+    state       TEXT NOT NULL,
+    error       TEXT,
+    updated_at  TEXT NOT NULL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(version=1, description="initial schema", sql=_V1),
     Migration(version=2, description="case priorities", sql=_V2),
     Migration(version=3, description="leased GPU indices and operator retry base", sql=_V3),
+    Migration(version=4, description="host states for status", sql=_V4),
 )
 
 #: The schema version this code reads and writes.
