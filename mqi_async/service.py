@@ -242,6 +242,14 @@ async def _supervised_watcher(service: Service) -> None:
             delay = min(delay * 2, 60.0)
 
 
+class StopBeforeStart(Exception):
+    """SIGTERM or SIGINT arrived before the service's loop installed its own handlers."""
+
+
+def _stop_during_startup(signum: int, frame: object) -> None:
+    raise StopBeforeStart(signal.Signals(signum).name)
+
+
 def run_service(settings: Settings, *, headless: bool) -> int:
     """`mqi-async run`: 0 after a graceful stop, 2 when another instance holds the database."""
     # everything the service creates (database, logs, work files) is private to its user
@@ -253,6 +261,10 @@ def run_service(settings: Settings, *, headless: bool) -> int:
         max_file_mb=settings.logging.max_file_mb,
         backup_count=settings.logging.backup_count,
     )
+    # a stop request before the event loop takes over the signals still ends cleanly
+    previous = {
+        sig: signal.signal(sig, _stop_during_startup) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         ui = None
         if not headless:
@@ -261,7 +273,12 @@ def run_service(settings: Settings, *, headless: bool) -> int:
             ui = run_dashboard
         asyncio.run(_main(settings, ui))
         return 0
+    except StopBeforeStart:
+        log.info("stopped while starting")
+        return 0
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         remove_handlers(handlers)
 
 

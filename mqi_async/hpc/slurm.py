@@ -74,7 +74,7 @@ SETTLE_S = 15.0
 CONTROLLER_GRACE_S = 60.0
 #: seconds between probes of an unreachable controller (doubling up to the maximum)
 PROBE_INITIAL_S = 1.0
-PROBE_MAX_S = 30.0
+PROBE_MAX_S = 15.0
 #: seconds kill_job waits for a cancelled job to leave the running states
 CANCEL_WAIT_S = 15.0
 _DEFAULT_GRES = "gpu:1"
