@@ -72,7 +72,7 @@ def test_sigkill_at_ten_random_moments(tmp_path: Path, sshd: SshdServer) -> None
     for beam_id, steps in trail.items():
         assert steps[0][0] == BeamStatus.PENDING, beam_id
         assert steps[-1][1] == BeamStatus.COMPLETED, beam_id
-        for (a, b), (c, _) in zip(steps, steps[1:], strict=False):
+        for (_, b), (c, _) in zip(steps, steps[1:], strict=False):
             assert b == c, (beam_id, steps)
         for a, b in steps:
             assert b == a or b in BEAM_TRANSITIONS[a], (beam_id, a, b)
