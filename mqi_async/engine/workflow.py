@@ -303,6 +303,9 @@ class BeamWorkflow:
         )
         try:
             handle = await host.spawn_job(spec)
+        except HostUnavailableError:
+            # the job may or may not have started: pause here; resuming checks its folder
+            raise
         except (TransientError, PermanentError) as exc:
             await self._store.finish_run(
                 run.run_id, RunStatus.FAILED, error=format_error("launch_failed", str(exc))

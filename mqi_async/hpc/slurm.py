@@ -75,6 +75,8 @@ CONTROLLER_GRACE_S = 60.0
 #: seconds between probes of an unreachable controller (doubling up to the maximum)
 PROBE_INITIAL_S = 1.0
 PROBE_MAX_S = 15.0
+#: seconds start() waits for the first `scontrol ping` (the service gives a host 30 s to start)
+START_PING_S = 10.0
 #: seconds kill_job waits for a cancelled job to leave the running states
 CANCEL_WAIT_S = 15.0
 _DEFAULT_GRES = "gpu:1"
@@ -83,7 +85,6 @@ _SQ = "MQISQ"
 _SQ_RC = "MQISQUEUE"
 _SUBMITTED = "MQISLURMJOB"
 _SBATCH_RC = "MQISBATCHRC"
-_OPTION = re.compile(r"--?[A-Za-z][A-Za-z0-9-]*")
 
 # The batch script. It claims the attempt directory (mkdir is atomic on every shared
 # filesystem), records its job id, runs MOQUI in the background and waits, because a trapped
@@ -264,8 +265,13 @@ class SlurmHost:
         await self._ssh.start()
         if not self._ssh.is_available():
             return
-        with contextlib.suppress(MqiError):
-            await self._ping()
+        try:
+            async with asyncio.timeout(START_PING_S):
+                await self._ping()
+        except TimeoutError:
+            self._controller_failed(f"scontrol ping did not answer in {START_PING_S:g} s")
+        except MqiError as exc:
+            log.warning("slurm host %s: %s", self.name, exc, extra={"host": self.name})
 
     async def aclose(self) -> None:
         self._closed = True
@@ -490,11 +496,12 @@ class SlurmHost:
         job_id = _record(res.stdout, _SUBMITTED)
         return JobHandle(job_dir=job_dir, job_id=job_id) if job_id and job_id != "-" else None
 
-    def poll_script(self, handles: Sequence[JobHandle]) -> str:
+    def poll_script(self, handles: Sequence[JobHandle], *, with_queue: bool = True) -> str:
         """Exit file, recorded job id and log tail of every attempt, then one squeue for all.
 
         Lines: `MQISLURM <index> <exit|-> <signal|-> <job id|-> <base64 log tail|->`, then
-        `MQISQUEUE <squeue's exit status>` and squeue's lines prefixed with `MQISQ `.
+        `MQISQUEUE <squeue's exit status>` and squeue's lines prefixed with `MQISQ `
+        (without_queue, while the controller is known to be down, only the first part).
         """
         calls: list[str] = []
         for i, h in enumerate(handles):
@@ -520,7 +527,7 @@ mqi_job() {{
 }}
 {chr(10).join(calls)}
 ids=${{ids#,}}
-if [ -n "$ids" ]; then
+if [ -n "$ids" ] && [ {int(with_queue)} = 1 ]; then
   case $ids in *,*) ;; *) ids="$ids,$ids";; esac
   q=$({squeue} "$ids" 2>&1); rc=$?
   printf '{_SQ_RC} %s\\n' "$rc"
@@ -538,8 +545,11 @@ fi
         job_ids: dict[str, str] = {}
         queue_ok = True
         try:
+            # while the controller is known to be down only the exit files are read; the
+            # probe notices when it is back
+            with_queue = self._down_since is None
             for part in _chunks(unique):
-                res = await self._script(self.poll_script(part))
+                res = await self._script(self.poll_script(part, with_queue=with_queue))
                 obs, ids, ok = self._parse_poll(res, part)
                 observations.update(obs)
                 job_ids.update(ids)
@@ -586,7 +596,7 @@ fi
             elif line.startswith(_SQ + " "):
                 queue_lines.append(line[len(_SQ) + 1 :])
         queue_text = "\n".join(queue_lines)
-        queue_ok = True
+        queue_ok = queue_rc is not None
         if queue_rc is not None:
             try:
                 self._check_answer(queue_rc, queue_text, "squeue")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from mqi_async.domain.model import BeamStatus, CaseStatus
+from mqi_async.domain.model import BeamStatus, CaseStatus, case_progress
 from mqi_async.store.columns import decode_optional_time, decode_str_list, decode_time
 from mqi_async.store.session import Session
 
@@ -29,6 +30,7 @@ class BeamSnapshot:
     not_before_at: datetime | None
     transfer_done_bytes: int
     transfer_total_bytes: int
+    updated_at: datetime | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -77,13 +79,20 @@ def status_document(cases: list[CaseSnapshot]) -> dict[str, object]:
     return {"cases": [c.as_dict() for c in cases]}
 
 
+def _progress(status: CaseStatus, stored: int, beams: Sequence[BeamSnapshot]) -> int:
+    """While beams run, the case's progress is theirs (the one rule in domain.model)."""
+    if status != CaseStatus.PROCESSING or not beams:
+        return stored
+    return case_progress([float(b.progress) for b in beams], [b.status for b in beams])
+
+
 async def read_snapshot(session: Session) -> list[CaseSnapshot]:
     """Every case in creation order with its beams by index: two queries, whatever the count."""
     beams_of: dict[str, list[BeamSnapshot]] = {}
     for r in await session.rows(
         "SELECT case_id, beam_id, beam_number, status, host, gpu_uuids, attempts, progress,"
         " outputs, error, beam_name, resume_status, not_before_at, transfer_done_bytes,"
-        " transfer_total_bytes FROM beams ORDER BY case_id, beam_index"
+        " transfer_total_bytes, updated_at FROM beams ORDER BY case_id, beam_index"
     ):
         resume = r["resume_status"]
         beams_of.setdefault(r["case_id"], []).append(
@@ -102,6 +111,7 @@ async def read_snapshot(session: Session) -> list[CaseSnapshot]:
                 not_before_at=decode_optional_time(r["not_before_at"]),
                 transfer_done_bytes=r["transfer_done_bytes"],
                 transfer_total_bytes=r["transfer_total_bytes"],
+                updated_at=decode_time(r["updated_at"]),
             )
         )
     return [
@@ -109,7 +119,9 @@ async def read_snapshot(session: Session) -> list[CaseSnapshot]:
             case_id=r["case_id"],
             room=r["room"],
             status=CaseStatus(r["status"]),
-            progress=r["progress"],
+            progress=_progress(
+                CaseStatus(r["status"]), r["progress"], beams_of.get(r["case_id"], ())
+            ),
             error=r["error"],
             case_path=r["case_path"],
             beams=tuple(beams_of.get(r["case_id"], ())),

@@ -335,7 +335,10 @@ class DashboardApp(App[None]):
         case = next((c for c in dash.cases if c.case_id == self._selected_case), None)
         new: dict[str, tuple[str, ...]] = {}
         if case is not None:
-            new = {b.beam_id: beam_cells(b, gpu_index, now, case.updated_at) for b in case.beams}
+            new = {
+                b.beam_id: beam_cells(b, gpu_index, now, b.updated_at or case.updated_at)
+                for b in case.beams
+            }
         self._sync(table, self._beam_rows, new, BEAM_COLUMNS)
 
     def _render_gpus(self, dash: Dashboard) -> None:

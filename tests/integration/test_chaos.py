@@ -81,3 +81,48 @@ def test_sigkill_at_ten_random_moments(tmp_path: Path, sshd: SshdServer) -> None
         f"\nchaos: {KILLS} SIGKILLs; phases hit {dict(hit)}; 4 cases, 8 beams, {total_launches} launches"
     )
     assert total_launches == 8
+
+
+async def test_sshd_down_for_thirty_seconds(tmp_path: Path, sshd: SshdServer) -> None:
+    from tests.e2e import running_service, statuses, wait_until
+
+    rig = make_rig(tmp_path / "rig", sshd, gpus=4, run_seconds=6)
+    rig.drop_case("OUTAGE1", beams=2)
+    rig.drop_case("OUTAGE2", beams=2)
+    async with running_service(rig.settings()) as svc:
+
+        async def running() -> bool:
+            return (
+                sum(1 for c in await svc.store.snapshot() for b in c.beams if b.status == "running")
+                >= 2
+            )
+
+        await wait_until(running, timeout_s=90, what="beams running")
+        sshd.stop()
+        down_at = time.monotonic()
+        try:
+
+            async def paused() -> bool:
+                beams = [b for c in await svc.store.snapshot() for b in c.beams]
+                return any(b.status == "paused" for b in beams)
+
+            await wait_until(paused, timeout_s=30, what="beams paused")
+            remaining = 30 - (time.monotonic() - down_at)
+            if remaining > 0:
+                import asyncio
+
+                await asyncio.sleep(remaining)
+            beams = [b for c in await svc.store.snapshot() for b in c.beams]
+            assert not any(b.status in ("failed", "cancelled") for b in beams)
+        finally:
+            sshd.start()
+
+        async def done() -> bool:
+            st = await statuses(svc)
+            return len(st) == 2 and all(v == "completed" for v in st.values())
+
+        await wait_until(done, timeout_s=180, what="completion after the outage")
+        beams = [b for c in await svc.store.snapshot() for b in c.beams]
+        assert await svc.store.list_leases() == []
+    # runs that were going when the host vanished finished on their own and were collected
+    assert sum(b.attempts for b in beams) == 4
