@@ -60,6 +60,13 @@ log = logging.getLogger(__name__)
 NowFunction = Callable[[], datetime]
 
 
+async def _rollback_quietly(conn: aiosqlite.Connection) -> None:
+    try:
+        await conn.rollback()
+    except sqlite3.Error as exc:
+        log.debug("rollback after an interrupted BEGIN: %s", exc)
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -315,7 +322,13 @@ class Store:
                 if at.tzinfo is None:
                     raise ValueError("the store's clock must return aware datetimes")
                 session = Session(conn, path=str(self._path), at=at, writable=write)
-                await self._begin(conn, write)
+                try:
+                    await self._begin(conn, write)
+                except BaseException:
+                    # a cancel while BEGIN was queued still lets it run on the connection's
+                    # thread: end that transaction too, or the next BEGIN fails
+                    await asyncio.shield(_rollback_quietly(conn))
+                    raise
                 committed = False
                 try:
                     yield Transaction(session)

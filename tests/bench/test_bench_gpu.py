@@ -14,6 +14,7 @@ second of the stand-in's own start-up to every beam on this 2-core machine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -21,6 +22,8 @@ import signal
 import sqlite3
 import statistics
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mqi_async.hpc.ssh import ConnectLimiter, SshPool
 from mqi_async.store.columns import decode_time
 from tests.e2e import make_rig, spawn_service, wait_beams
 from tests.sshd import SshdServer
@@ -78,6 +82,36 @@ class Workload:
     beams: list[BeamTimes]
     wall_s: float
     load1: float
+    #: round trip of `true` over a second long-lived connection to the same sshd, sampled
+    #: every 0.5 s during the run: the price of one remote step on this machine right now
+    exec_rtt_s: float
+
+
+class RttProbe:
+    """Times `true` on its own SSH connection every 0.5 s, in a thread with its own loop."""
+
+    def __init__(self, sshd: SshdServer) -> None:
+        self._endpoint = sshd.endpoint("rtt-probe")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.samples: list[float] = []
+
+    async def _run(self) -> None:
+        async with SshPool(self._endpoint, limiter=ConnectLimiter()) as pool:
+            await pool.connect()
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                await pool.run("true", timeout_s=30)
+                self.samples.append(time.perf_counter() - started)
+                await asyncio.sleep(0.5)
+
+    def __enter__(self) -> RttProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=40)
 
 
 def _ts(text: str) -> float:
@@ -139,6 +173,7 @@ def workload(
     rig.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     for i in range(CASES):
         rig.drop_case(f"BENCH{i:02d}", beams=BEAMS_PER_CASE, seed=i)
+    probe = RttProbe(sshd_server).__enter__()
     proc = spawn_service(rig)
     started = datetime.now().timestamp()
     load0 = os.getloadavg()[0]
@@ -151,6 +186,7 @@ def workload(
         )
         wall_s = datetime.now().timestamp() - started
     finally:
+        probe.__exit__()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
@@ -159,7 +195,12 @@ def workload(
             proc.wait()
     beams = _read(rig.db)
     assert len(beams) == CASES * BEAMS_PER_CASE, "every beam must complete in one attempt"
-    yield Workload(beams=beams, wall_s=wall_s, load1=(load0 + os.getloadavg()[0]) / 2)
+    yield Workload(
+        beams=beams,
+        wall_s=wall_s,
+        load1=(load0 + os.getloadavg()[0]) / 2,
+        exec_rtt_s=statistics.median(probe.samples) if probe.samples else float("nan"),
+    )
 
 
 def _ms(values: list[float]) -> str:
@@ -196,6 +237,7 @@ def test_gpu_utilisation(workload: Workload, report: Callable[..., str]) -> None
         ideal=f"{IDEAL_S:.0f}s",
         process_bound_ideal=f"{busy / GPUS:.2f}s",
         sim_process_median=f"{statistics.median(b.run_s for b in beams):.2f}s",
+        vs_process_bound=f"{makespan / (busy / GPUS):.2f}",
         gpu_idle_between_beams_median_max=_ms(gaps),
         gpu_poll=f"{GPU_POLL_S:g}s",
         run_poll=f"{RUN_POLL_S:g}s",
@@ -212,6 +254,8 @@ def test_orchestration_overhead(workload: Workload, report: Callable[..., str]) 
         "ms",
         "goal<=150",
         p95=f"{_p95(overhead) * 1000:.0f}ms",
+        in_exec_rtts=f"{statistics.median(overhead) / workload.exec_rtt_s:.1f}",
+        exec_rtt=f"{workload.exec_rtt_s * 1000:.0f}ms",
         lease_to_process_start=_ms([b.proc_start - b.leased for b in beams]),
         exit_to_run_finished=_ms([b.run_finished - b.proc_exit for b in beams]),
         finished_to_download=_ms([b.downloading - b.run_finished for b in beams]),
@@ -235,4 +279,6 @@ def test_completion_notice(workload: Workload, report: Callable[..., str]) -> No
         f"goal<=1 poll ({RUN_POLL_S * 1000:.0f} ms) + one poll round trip",
         median=f"{statistics.median(lag) * 1000:.0f}ms",
         within_one_poll=f"{sum(x <= RUN_POLL_S for x in lag)}/{len(lag)}",
+        within_poll_plus_rtt=f"{sum(x <= RUN_POLL_S + workload.exec_rtt_s for x in lag)}/{len(lag)}",
+        exec_rtt=f"{workload.exec_rtt_s * 1000:.0f}ms",
     )

@@ -61,7 +61,8 @@ async def test_wrong_host_key_is_host_key_mismatch_and_nothing_is_uploaded(
     pool = SshPool(
         sshd.endpoint(known_hosts=str(known_hosts)), limiter=ConnectLimiter(min_interval_s=0)
     )
-    host = SshHost(pool, remote_root=str(sshd.work_dir / "runs"))
+    remote_root = sshd.work_dir / f"runs-{tmp_path.name}"
+    host = SshHost(pool, remote_root=str(remote_root))
     await host.start()  # must not raise: the host is paused, not broken
     try:
         assert not host.is_available()
@@ -70,9 +71,9 @@ async def test_wrong_host_key_is_host_key_mismatch_and_nothing_is_uploaded(
         src.mkdir()
         (src / "plan.dcm").write_bytes(b"x" * 100)
         with pytest.raises(HostUnavailableError) as err:
-            await host.put_tree(src, str(sshd.work_dir / "runs" / "case"))
+            await host.put_tree(src, str(remote_root / "case"))
         assert err.value.code == "host_key_mismatch"
-        assert not (sshd.work_dir / "runs").exists()
+        assert not remote_root.exists()
     finally:
         await host.aclose()
 

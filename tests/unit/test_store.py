@@ -382,3 +382,21 @@ async def test_command_lifecycle(store: Store) -> None:
         await store.finish_command(retry.command_id, CommandStatus.PENDING, "back")
     kinds = [e.kind for e in await store.recent_events(case_id="c1")]
     assert kinds.count("command_enqueued") == 2 and kinds.count("command_finished") == 2
+
+
+async def test_cancel_at_any_point_leaves_the_connection_usable(tmp_path: Path) -> None:
+    import asyncio
+    import contextlib
+
+    async with await Store.open(tmp_path / "cancel.db") as store:
+        for yields in range(12):
+            for _ in range(5):
+                task = asyncio.create_task(store.pending_commands())
+                for _ in range(yields):
+                    await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        assert await store.pending_commands() == []
+        async with store.transaction() as tx:
+            assert await tx.commands.pending() == []
