@@ -6,10 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from mqi_async.domain.fractions import CaseResolution
 from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
-from mqi_async.domain.plan import Plan
+
+if TYPE_CHECKING:
+    # annotations only: importing them would load pydicom into every `status` call
+    from mqi_async.domain.fractions import CaseResolution
+    from mqi_async.domain.plan import Plan
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -63,6 +63,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
+        self._aggregate_locks: dict[str, asyncio.Lock] = {}
         #: cases being cancelled; dispatch leaves them alone meanwhile
         self._cancelling: set[str] = set()
         self.host_errors: dict[str, str | None] = dict.fromkeys(hosts)
@@ -128,11 +129,11 @@ class Engine:
         self.host_errors[host] = str(exc)
         self.wake()
 
-    def _on_beam_terminal(self, case_id: str) -> None:
-        self._spawn(f"aggregate:{case_id}", self._aggregate(case_id))
-
-    async def _aggregate(self, case_id: str) -> None:
-        await self.cases.aggregate(case_id)
+    async def _on_beam_terminal(self, case_id: str) -> None:
+        """Aggregate right away, in the beam's own task; one case at a time so none is missed."""
+        lock = self._aggregate_locks.setdefault(case_id, asyncio.Lock())
+        async with lock:
+            await self.cases.aggregate(case_id)
         self.wake()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -197,7 +198,7 @@ class Engine:
                     await self._store.transition_beam(
                         ident, B.FAILED, changes={"error": error}, message=error
                     )
-                    self._on_beam_terminal(beam.case_id)
+                    await self._on_beam_terminal(beam.case_id)
             elif kind == "case":
                 case = await self._store.get_case(ident)
                 if case and not case.status.is_terminal:
@@ -260,7 +261,11 @@ class Engine:
         await self._record_host_states()
         now = self._clock.now()
         for case in await self._store.list_cases(DRIVEN_CASES):
-            if case.status == C.PROCESSING or case.case_id in self._cancelling:
+            if case.case_id in self._cancelling:
+                continue
+            if case.status == C.PROCESSING:
+                if not any(k.startswith(f"beam:{case.case_id}_beam_") for k in self._tasks):
+                    await self._on_beam_terminal(case.case_id)
                 continue
             if case.status == C.WAITING and case.recheck_at and case.recheck_at > now:
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mqi_async.domain.errors import HostUnavailableError, MqiError
@@ -75,7 +75,7 @@ class GpuPoller:
 class _Watch:
     handle: JobHandle
     future: asyncio.Future[JobStatus]
-    on_tail: Callable[[str], None]
+    on_tail: Callable[[str], Awaitable[None]]
 
 
 class JobMonitor:
@@ -94,7 +94,9 @@ class JobMonitor:
         self._watches: dict[str, _Watch] = {}
         self._wake = asyncio.Event()
 
-    async def wait_exit(self, handle: JobHandle, on_tail: Callable[[str], None]) -> JobStatus:
+    async def wait_exit(
+        self, handle: JobHandle, on_tail: Callable[[str], Awaitable[None]]
+    ) -> JobStatus:
         """Resolve when the job has exited or is lost; raises HostUnavailableError if the host goes."""
         fut: asyncio.Future[JobStatus] = asyncio.get_running_loop().create_future()
         self._watches[handle.job_dir] = _Watch(handle, fut, on_tail)
@@ -110,6 +112,7 @@ class JobMonitor:
                 self._wake.clear()
                 await self._wake.wait()
             watches = list(self._watches.values())
+            started = asyncio.get_running_loop().time()
             try:
                 statuses = await self._host.poll_jobs([w.handle for w in watches])
             except HostUnavailableError as exc:
@@ -131,7 +134,13 @@ class JobMonitor:
                     if st is None or w.future.done():
                         continue
                     if st.log_tail:
-                        w.on_tail(st.log_tail)
+                        try:
+                            await w.on_tail(st.log_tail)
+                        except (OSError, MqiError) as exc:
+                            # progress is a nicety; it never stops the poll of the others
+                            log.debug("progress update for %s failed: %s", w.handle.job_dir, exc)
                     if st.state in (JobState.EXITED, JobState.LOST):
                         w.future.set_result(st)
-            await asyncio.sleep(self._interval_s)
+            # a fixed cadence: the poll's own time counts against the interval
+            elapsed = asyncio.get_running_loop().time() - started
+            await asyncio.sleep(max(0.0, self._interval_s - elapsed))

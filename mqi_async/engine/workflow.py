@@ -110,7 +110,7 @@ class BeamWorkflow:
         clock: Clock,
         settings: WorkflowSettings,
         uploads: InputUploads,
-        on_terminal: Callable[[str], None],
+        on_terminal: Callable[[str], Awaitable[None]],
         rng: random.Random | None = None,
     ) -> None:
         self._store = store
@@ -158,7 +158,7 @@ class BeamWorkflow:
                 extra={"beam_id": beam_id, "case_id": beam.case_id, "host": beam.host},
             )
             if beam.status.is_terminal:
-                self._on_terminal(beam.case_id)
+                await self._on_terminal(beam.case_id)
                 return
             if beam.status == B.PAUSED:
                 return
@@ -331,13 +331,18 @@ class BeamWorkflow:
         handle = JobHandle(job_dir=run.job_dir, job_id=run.job_id)
         deadline = run.started_at.timestamp() + self._s.run_timeout_s
         progress = max(beam.progress, RUN_PROGRESS_START)
+        tail_file = (
+            CaseDirs.of(self._s.work_directory, case).attempt(beam, run.attempt) / "moqui.log.tail"
+        )
 
-        def on_tail(tail: str) -> None:
+        async def on_tail(tail: str) -> None:
             nonlocal progress
+            # the dashboard's `l` shows this while the full log is still on the host
+            await asyncio.to_thread(_write_text, tail_file, tail)
             new = run_progress(tail, progress)
             if new > progress:
                 progress = new
-                self._store_progress(beam.beam_id, new)
+                await self._store.update_beam(beam.beam_id, {"progress": new})
 
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock.now().timestamp())):
@@ -354,12 +359,6 @@ class BeamWorkflow:
         # the process is gone: free the GPUs now so the download overlaps the next run
         await self._release(beam)
         return await self._judge_run(beam, case, run, status, host)
-
-    def _store_progress(self, beam_id: str, progress: int) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._store.update_beam(beam_id, {"progress": progress})
-        )
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _judge_run(
         self, beam: BeamRow, case: CaseRow, run: RunRow, status: JobStatus, host: Host
@@ -443,26 +442,50 @@ class BeamWorkflow:
         local = dirs.attempt(beam, run.attempt)
         names = [o.name for o in expected_outputs(self._s.moqui_static, beam.beam_name or "")]
 
-        def progress(done: int, total: int) -> None:
-            self._store_progress_transfer(beam.beam_id, done, total)
+        latest: list[tuple[int, int]] = []
 
-        await host.get_files(
-            str(PurePosixPath(run.job_dir) / "dose"), names, local / "dose", progress=progress
-        )
-        await host.get_files(run.job_dir, ["moqui.log", "moqui_tps.in"], local)
+        def progress(done: int, total: int) -> None:
+            latest.append((done, total))
+
+        async def publish_progress() -> None:
+            # transfer callbacks are synchronous; the latest figure goes to the store twice a second
+            while True:
+                await asyncio.sleep(0.5)
+                if latest:
+                    done, total = latest[-1]
+                    latest.clear()
+                    await self._store.update_beam(
+                        beam.beam_id, {"transfer_done_bytes": done, "transfer_total_bytes": total}
+                    )
+
+        failure: Exception | None = None
+        async with asyncio.TaskGroup() as tg:
+            reporter = tg.create_task(publish_progress())
+            try:
+                await host.get_files(
+                    str(PurePosixPath(run.job_dir) / "dose"),
+                    names,
+                    local / "dose",
+                    progress=progress,
+                )
+                await host.get_files(run.job_dir, ["moqui.log", "moqui_tps.in"], local)
+            except Exception as exc:
+                # raised after the group, so the step sees the named error, not an ExceptionGroup
+                failure = exc
+            finally:
+                reporter.cancel()
+        if failure is not None:
+            raise failure
+        if latest:
+            done, total = latest[-1]
+            await self._store.update_beam(
+                beam.beam_id, {"transfer_done_bytes": done, "transfer_total_bytes": total}
+            )
         return Step(
             to=B.CONVERTING,
             changes={"progress": PHASE_PROGRESS[B.CONVERTING]},
             message=f"downloaded {len(names)} file(s)",
         )
-
-    def _store_progress_transfer(self, beam_id: str, done: int, total: int) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._store.update_beam(
-                beam_id, {"transfer_done_bytes": done, "transfer_total_bytes": total}
-            )
-        )
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _convert(self, beam: BeamRow, case: CaseRow) -> Step:
         run = await self._latest_run(beam.beam_id)
@@ -494,3 +517,10 @@ def _beam_number(beam: BeamRow) -> int:
     if beam.beam_number is None:
         raise PermanentError("internal_error", f"{beam.beam_id} has no DICOM beam number")
     return beam.beam_number
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8", errors="replace")
+    tmp.replace(path)

@@ -168,7 +168,7 @@ class Beams:
         """
         rows = await self._s.rows(
             f"SELECT {', '.join('b.' + c for c in COLUMN_NAMES)}"
-            " FROM beams AS b JOIN cases AS c ON c.case_id = b.case_id"
+            " FROM beams AS b INDEXED BY idx_beams_status JOIN cases AS c ON c.case_id = b.case_id"
             f" WHERE b.status IN ({placeholders(len(ACTIVE_STATUSES))})"
             " ORDER BY c.priority DESC, c.created_at, c.rowid, b.beam_index",
             ACTIVE_STATUSES,
@@ -182,7 +182,7 @@ class Beams:
             return []
         rows = await self._s.rows(
             f"SELECT {', '.join('b.' + c for c in COLUMN_NAMES)}"
-            " FROM beams AS b JOIN cases AS c ON c.case_id = b.case_id"
+            " FROM beams AS b INDEXED BY idx_beams_status JOIN cases AS c ON c.case_id = b.case_id"
             f" WHERE b.status IN ({placeholders(len(wanted))})"
             " ORDER BY c.priority DESC, c.created_at, c.rowid, b.beam_index",
             wanted,

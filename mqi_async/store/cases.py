@@ -222,7 +222,9 @@ class Cases:
         else:
             wanted = [str(s) for s in statuses]
             rows = await self._s.rows(
-                f"SELECT {_COLUMNS} FROM cases WHERE status IN ({placeholders(len(wanted))})"
+                # the planner prefers the sort index and scans all history; the status index wins
+                f"SELECT {_COLUMNS} FROM cases INDEXED BY idx_cases_status"
+                f" WHERE status IN ({placeholders(len(wanted))})"
                 " ORDER BY created_at, rowid",
                 wanted,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -67,6 +68,7 @@ async def _marker_latencies(tmp_path: Path, *, force_polling: bool) -> list[floa
         settings = IngestSettings(force_polling=force_polling, rescan_seconds=3600)
         watcher = CaseWatcher(root, settings, registrar)
         latencies: list[float] = []
+        jitter = random.Random(7)
         async with watching(watcher):
             for i in range(1, CASES + 1):
                 spec = CaseSpec(
@@ -79,8 +81,9 @@ async def _marker_latencies(tmp_path: Path, *, force_polling: bool) -> list[floa
                     seed=i,
                 )
                 case = await asyncio.to_thread(write_case, root, spec)
-                # let the events of the copy pass, so only the marker is measured
-                await asyncio.sleep(0.8)
+                # let the events of the copy pass, so only the marker is measured; the
+                # jitter keeps the marker from landing at one phase of the poll cycle
+                await asyncio.sleep(0.8 + jitter.uniform(0, 0.3))
                 marker = (case.case_dir.parent if spec.nested else case.case_dir) / READY_MARKER
                 written = time.monotonic()
                 await asyncio.to_thread(marker.write_text, "")
