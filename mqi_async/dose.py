@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_CEILING, Decimal, localcontext
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 import numpy as np
 import pydicom
@@ -397,20 +398,96 @@ def grid_from_tps_file(path: str | os.PathLike[str]) -> PhantomGrid:
         ) from exc
 
 
+def convert_request(request: dict[str, object]) -> str:
+    """Carry out one conversion or validation request; returns the written file's path.
+
+    Raises:
+        MqiError: a named failure (short_output, dose_conversion_failed, dicom_invalid, ...).
+    """
+    op = request.get("op", "convert")
+    source, target = str(request["input"]), str(request["output"])
+    if op == "validate":
+        validate_rt_dose(source)
+        tmp = target + ".part"
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            dst.write(src.read())
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, target)
+        return target
+    beam_number = request["beam_number"]
+    if not isinstance(beam_number, int):
+        raise TransientError(
+            "dose_conversion_failed", f"beam_number must be an int: {beam_number!r}"
+        )
+    out = write_rt_dose(
+        source,
+        target,
+        grid=grid_from_tps_file(str(request["tps"])),
+        plan=read_plan_ref(str(request["plan"])),
+        beam_number=beam_number,
+    )
+    return str(out)
+
+
+def serve(lines: Iterable[str], reply: TextIO) -> None:
+    """The warm worker: one JSON request per line in, one JSON answer per line out."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            answer: dict[str, object] = {"ok": True, "output": convert_request(request)}
+        except MqiError as exc:
+            answer = {"ok": False, "code": exc.code, "detail": exc.detail}
+        except Exception as exc:  # the worker must answer every request, whatever went wrong
+            answer = {
+                "ok": False,
+                "code": "dose_conversion_failed",
+                "detail": f"{type(exc).__name__}: {exc}",
+            }
+        reply.write(json.dumps(answer) + "\n")
+        reply.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: convert one raw dose; prints the output path, or `<code>: <detail>` and exits 1."""
     parser = argparse.ArgumentParser(
         prog="python -m mqi_async.dose",
         description="Convert MOQUI raw dose (float64 LE) into a DICOM RT Dose file.",
     )
-    parser.add_argument("--input", required=True, help="MOQUI .raw file")
-    parser.add_argument("--output", required=True, help="RT Dose .dcm to write (atomically)")
-    parser.add_argument("--tps", required=True, help="the moqui_tps.in the run used (geometry)")
-    parser.add_argument("--plan", required=True, help="the RTPLAN the run used")
-    parser.add_argument("--beam-number", required=True, type=int, help="DICOM BeamNumber")
+    parser.add_argument("--serve", action="store_true", help="answer JSON requests on stdin")
+    parser.add_argument(
+        "--validate", metavar="DCM", help="validate MOQUI's RT Dose, copy to --output"
+    )
+    parser.add_argument("--input", help="MOQUI .raw file")
+    parser.add_argument("--output", help="RT Dose .dcm to write (atomically)")
+    parser.add_argument("--tps", help="the moqui_tps.in the run used (geometry)")
+    parser.add_argument("--plan", help="the RTPLAN the run used")
+    parser.add_argument("--beam-number", type=int, help="DICOM BeamNumber")
     parser.add_argument("--sop-instance-uid", default=None)
     parser.add_argument("--series-instance-uid", default=None)
     args = parser.parse_args(argv)
+    if args.serve:
+        serve(sys.stdin, sys.stdout)
+        return 0
+    if args.validate:
+        if not args.output:
+            parser.error("--validate needs --output")
+        try:
+            checked = convert_request(
+                {"op": "validate", "input": args.validate, "output": args.output}
+            )
+        except MqiError as exc:
+            sys.stderr.write(f"{exc.code}: {exc.detail}\n")
+            return 1
+        sys.stdout.write(f"{checked}\n")
+        return 0
+    missing = [
+        n for n in ("input", "output", "tps", "plan", "beam_number") if getattr(args, n) is None
+    ]
+    if missing:
+        parser.error("missing " + ", ".join("--" + n.replace("_", "-") for n in missing))
     try:
         grid = grid_from_tps_file(args.tps)
         plan = read_plan_ref(args.plan)

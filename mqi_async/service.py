@@ -30,7 +30,7 @@ from mqi_async.ingest.reader import FoundCase
 from mqi_async.ingest.watcher import CaseWatcher
 from mqi_async.log import configure_logging, remove_handlers
 from mqi_async.store import Store
-from mqi_async.tools import LocalToolRunner, Tools
+from mqi_async.tools import DoseWorker, LocalToolRunner, Tools
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,13 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
         os.chmod(d, 0o700)
     store = await Store.open(settings.database)
     hosts: dict[str, Host] = {}
+    dose_worker: DoseWorker | None = None
     try:
         hosts = build_hosts(settings, settings.work_directory)
-        tools = LocalToolRunner(Tools(settings.tools), settings.tools, dict(settings.moqui))
+        dose_worker = DoseWorker(timeout_s=settings.tools.raw_to_dicom_timeout_seconds)
+        tools = LocalToolRunner(
+            Tools(settings.tools), settings.tools, dict(settings.moqui), dose_worker
+        )
         problems = tools.check()
         for p in problems:
             log.error("tool check: %s", p)
@@ -188,6 +192,8 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             started_at=datetime.now(UTC),
         )
     finally:
+        if dose_worker is not None:
+            await dose_worker.aclose()
         for host in hosts.values():
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(3):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -167,15 +168,86 @@ class Tools:
         )
 
 
+class DoseWorker:
+    """One warm `python -m mqi_async.dose --serve` process: no interpreter start per beam.
+
+    Requests go one at a time; a timeout or a crash kills its process group, and the next
+    request starts a fresh worker. The numpy/pydicom work never runs on the event loop.
+    """
+
+    def __init__(self, *, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        if self._proc is None or self._proc.returncode is not None:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "mqi_async.dose",
+                "--serve",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return self._proc
+
+    async def request(self, payload: Mapping[str, object]) -> dict[str, object]:
+        """Send one request and wait for its answer; raises TransientError if the worker fails."""
+        async with self._lock:
+            proc = await self._start()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    proc.stdin.write((json.dumps(dict(payload)) + "\n").encode())
+                    await proc.stdin.drain()
+                    line = await proc.stdout.readline()
+            except (TimeoutError, ConnectionError, BrokenPipeError) as exc:
+                await self._kill()
+                raise TransientError("dose_conversion_failed", f"dose worker: {exc!r}") from exc
+            except asyncio.CancelledError:
+                await asyncio.shield(self._kill())
+                raise
+            if not line:
+                await self._kill()
+                raise TransientError("dose_conversion_failed", "the dose worker exited")
+            answer: dict[str, object] = json.loads(line)
+            return answer
+
+    async def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            await _kill_group(proc)
+
+    async def aclose(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            async with asyncio.timeout(3):
+                await proc.wait()
+        except TimeoutError:
+            await _kill_group(proc)
+
+
 class LocalToolRunner:
     """The engine's LocalTools: each tool run becomes success or a named error."""
 
     def __init__(
-        self, tools: Tools, settings: ToolsSettings, moqui: Mapping[str, str | int | float | bool]
+        self,
+        tools: Tools,
+        settings: ToolsSettings,
+        moqui: Mapping[str, str | int | float | bool],
+        dose_worker: DoseWorker,
     ) -> None:
         self._tools = tools
         self._s = settings
         self._output_format = str(moqui.get("OutputFormat", "raw"))
+        self._dose = dose_worker
 
     def check(self) -> list[str]:
         return self._tools.check()
@@ -210,39 +282,47 @@ class LocalToolRunner:
         log_path: Path,
     ) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if self._output_format == "dcm":
-            argv = [
-                sys.executable,
-                "-m",
-                "mqi_async.dose",
-                "--validate",
-                str(source),
-                "--output",
-                str(target),
-            ]
-        elif isinstance(self._s.raw_to_dicom, list):
-            argv = fill_placeholders(
-                self._s.raw_to_dicom,
-                {"input": str(source), "output_dir": str(target.parent), "output": str(target)},
-            )
-        else:
-            argv = [
-                sys.executable, "-m", "mqi_async.dose",
-                "--input", str(source), "--output", str(target),
-                "--tps", str(tps_input), "--plan", str(plan),
-                "--beam-number", str(beam_number),
-            ]  # fmt: skip
+        if isinstance(self._s.raw_to_dicom, list) and self._output_format != "dcm":
+            await self._external_converter(source, target, log_path)
+            return
+        op = "validate" if self._output_format == "dcm" else "convert"
+        answer = await self._dose.request(
+            {
+                "op": op,
+                "input": str(source),
+                "output": str(target),
+                "tps": str(tps_input),
+                "plan": str(plan),
+                "beam_number": beam_number,
+            }
+        )
+        if not answer.get("ok"):
+            code = str(answer.get("code") or "dose_conversion_failed")
+            detail = str(answer.get("detail") or "")
+            await asyncio.to_thread(_append_line, log_path, f"{code}: {detail}")
+            raise TransientError(code, detail)
+        if not target.is_file():
+            raise TransientError("dose_conversion_failed", f"{target} was not written")
+
+    async def _external_converter(self, source: Path, target: Path, log_path: Path) -> None:
+        assert isinstance(self._s.raw_to_dicom, list)
+        argv = fill_placeholders(
+            self._s.raw_to_dicom,
+            {"input": str(source), "output_dir": str(target.parent), "output": str(target)},
+        )
         result = await self._tools.run(
             argv, log_path=log_path, timeout_s=self._s.raw_to_dicom_timeout_seconds
         )
-        if result.exit_code == 3:
-            raise TransientError("short_output", result.last_line())
         if not result.ok:
             raise TransientError(
                 "dose_conversion_failed", f"{result.last_line() or 'no output'} (log: {log_path})"
             )
         if not target.is_file():
-            raise TransientError("dose_conversion_failed", f"{target} was not written")
+            # external converters pick their own names: take the newest .dcm they wrote
+            written = sorted(target.parent.glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+            if not written:
+                raise TransientError("dose_conversion_failed", f"{argv[0]} wrote no .dcm file")
+            written[-1].replace(target)
 
     async def postprocess(self, *, values: Mapping[str, str], log_path: Path) -> bool | None:
         if self._s.postprocess is None:
@@ -252,3 +332,9 @@ class LocalToolRunner:
             argv, log_path=log_path, timeout_s=self._s.postprocess_timeout_seconds
         )
         return result.ok
+
+
+def _append_line(path: Path, line: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(line + "\n")

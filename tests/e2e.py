@@ -250,3 +250,13 @@ def wait_beams(rig: Rig, ok: Callable[[list[str]], bool], timeout_s: float = 90.
             return last
         time.sleep(0.1)
     raise AssertionError(f"beam statuses never matched; last: {last}")
+
+
+def wait_for_log(path: Path, text: str, timeout_s: float = 60.0) -> None:
+    """Wait until a service's output file contains `text`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} never appeared in {path}")

@@ -140,6 +140,27 @@ FAILURES: dict[str, FailureInfo] = {
     "launch_failed": FailureInfo(
         _T, "MOQUI could not be started on the host; check moqui_command."
     ),
+    "slurm_timeout": FailureInfo(
+        _T, "The Slurm job ran past its time_limit (TIMEOUT); raise time_limit for large beams."
+    ),
+    "slurm_cancelled": FailureInfo(
+        _T, "The Slurm job was cancelled outside the service (scancel or an admin); it is retried."
+    ),
+    "slurm_node_fail": FailureInfo(
+        _T, "The cluster node failed (NODE_FAIL); the beam is retried on another node."
+    ),
+    "slurm_preempted": FailureInfo(
+        _T, "A higher-priority job preempted the beam (PREEMPTED); it is retried."
+    ),
+    "slurm_out_of_memory": FailureInfo(
+        _T, "The job ran out of memory (OUT_OF_MEMORY); ask for more memory in sbatch_args."
+    ),
+    "slurm_boot_fail": FailureInfo(
+        _T, "The node could not boot for the job (BOOT_FAIL); it is retried."
+    ),
+    "slurm_deadline": FailureInfo(
+        _T, "The job missed its Slurm deadline (DEADLINE); it is retried."
+    ),
     "moqui_input_invalid": FailureInfo(
         _P, "MOQUI rejected moqui_tps.in; this is a service bug, please report it."
     ),

@@ -50,8 +50,8 @@ class GpuPoller:
                 await self._sampled.wait_for(lambda: self.samples_taken > seen)
 
     async def run(self) -> None:
-        if not self._host.leases_gpus:
-            return
+        # every host is sampled, also a scheduler's (an empty sample): a good sample is what
+        # tells the engine a paused host is back
         while True:
             self._now.clear()
             try:

@@ -109,6 +109,10 @@ class Host(Protocol):
         """Start a detached job; returns once its process-group id (or job id) is recorded."""
         ...
 
+    async def attach_job(self, job_dir: str) -> JobHandle | None:
+        """The handle of a job started in `job_dir`, or None if none was started there."""
+        ...
+
     async def poll_jobs(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
         """One batched status read of many jobs, keyed by job_dir."""
         ...

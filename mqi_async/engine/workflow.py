@@ -23,6 +23,7 @@ from mqi_async.domain.jobs import JobHandle, JobSpec, JobState, JobStatus
 from mqi_async.domain.model import BeamStatus, RunStatus
 from mqi_async.domain.records import BeamRow, CaseRow, RunRow
 from mqi_async.domain.scheduling import RUN_PROGRESS_START, decide_retry, run_progress
+from mqi_async.domain.slurm import failure_code as slurm_failure_code
 from mqi_async.domain.tps import TpsComputed, expected_outputs, render_tps_input
 from mqi_async.engine.layout import CaseDirs, RemoteDirs
 from mqi_async.engine.pollers import JobMonitor
@@ -250,11 +251,10 @@ class BeamWorkflow:
         remote = RemoteDirs.of(host.remote_root, case, beam)
         run = await self._latest_run(beam.beam_id)
         if run is not None and run.status == RunStatus.LAUNCHING:
-            # we crashed around the spawn: launch only if the job never started
-            listing = await host.list_dir(run.job_dir)
-            if "pgid" in listing or "exit_code" in listing or "job_id" in listing:
-                job_id = run.job_id or await self._read_job_id(host, run.job_dir)
-                await self._store.set_run_job(run.run_id, job_id)
+            # we crashed (or lost the host) around the spawn: launch only if it never started
+            attached = await host.attach_job(run.job_dir)
+            if attached is not None:
+                await self._store.set_run_job(run.run_id, attached.job_id)
                 return Step(
                     to=B.RUNNING,
                     changes={"progress": RUN_PROGRESS_START},
@@ -318,10 +318,6 @@ class BeamWorkflow:
             message=f"launched attempt {run.attempt} on {host.name} (job {handle.job_id})",
         )
 
-    async def _read_job_id(self, host: Host, job_dir: str) -> str:
-        res = await host.run(["cat", str(PurePosixPath(job_dir) / "pgid")], timeout_s=30)
-        return res.stdout.strip() or "unknown"
-
     async def _wait_run(self, beam: BeamRow, case: CaseRow) -> Step:
         assert beam.host is not None
         host = self._hosts[beam.host]
@@ -365,12 +361,16 @@ class BeamWorkflow:
     ) -> Step:
         tail = status.log_tail.strip().splitlines()[-3:] if status.log_tail else []
         last = " | ".join(line.strip() for line in tail)[:300]
+        scheduler_code = slurm_failure_code(status.detail)
         if status.state == JobState.LOST:
-            await self._store.finish_run(run.run_id, RunStatus.LOST, error=format_error("run_lost"))
-            return await self._attempt_failed(beam, "run_lost", "")
+            code = scheduler_code or "run_lost"
+            await self._store.finish_run(
+                run.run_id, RunStatus.LOST, error=format_error(code, status.detail)
+            )
+            return await self._attempt_failed(beam, code, status.detail)
         if status.exit_code != 0:
             # name by exit status, as a shell reports it (134 = abort); the signal goes in the text
-            code = run_failure_code(
+            code = scheduler_code or run_failure_code(
                 status.exit_code, None if status.exit_code is not None else status.signal
             )
             how = f"exit {status.exit_code}" + (f" (SIG{status.signal})" if status.signal else "")

@@ -52,7 +52,12 @@ from mqi_async.store.leases import Leases
 from mqi_async.store.runs import Runs
 from mqi_async.store.schema import migrate
 from mqi_async.store.session import Session, is_corruption
-from mqi_async.store.snapshot import CaseSnapshot, read_snapshot
+from mqi_async.store.snapshot import (
+    CaseSnapshot,
+    DashboardCounts,
+    read_dashboard_cases,
+    read_snapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,11 @@ class Transaction:
     @property
     def at(self) -> datetime:
         return self._session.at
+
+    async def dashboard(
+        self, *, recent: int = 200, text: str = ""
+    ) -> tuple[list[CaseSnapshot], DashboardCounts]:
+        return await read_dashboard_cases(self._session, recent=recent, text=text)
 
     async def snapshot(self) -> list[CaseSnapshot]:
         """Every case with its beams, in creation order (see `snapshot.read_snapshot`)."""
@@ -576,6 +586,13 @@ class Store:
             return await tx.commands.finish(command_id, status, result)
 
     # -- the status view -------------------------------------------------------------------
+
+    async def dashboard(
+        self, *, recent: int = 200, text: str = ""
+    ) -> tuple[list[CaseSnapshot], DashboardCounts]:
+        """The dashboard's bounded view (see `snapshot.read_dashboard_cases`)."""
+        async with self.read() as tx:
+            return await tx.dashboard(recent=recent, text=text)
 
     async def snapshot(self) -> list[CaseSnapshot]:
         """Every case with its beams in one consistent read (two queries)."""

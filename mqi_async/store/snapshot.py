@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from mqi_async.domain.model import BeamStatus, CaseStatus, case_progress
-from mqi_async.store.columns import decode_optional_time, decode_str_list, decode_time
+from mqi_async.store.columns import SqlValue, decode_optional_time, decode_str_list, decode_time
 from mqi_async.store.session import Session
 
 
@@ -86,34 +87,48 @@ def _progress(status: CaseStatus, stored: int, beams: Sequence[BeamSnapshot]) ->
     return case_progress([float(b.progress) for b in beams], [b.status for b in beams])
 
 
-async def read_snapshot(session: Session) -> list[CaseSnapshot]:
-    """Every case in creation order with its beams by index: two queries, whatever the count."""
+_BEAM_COLUMNS = (
+    "case_id, beam_id, beam_number, status, host, gpu_uuids, attempts, progress, outputs, error,"
+    " beam_name, resume_status, not_before_at, transfer_done_bytes, transfer_total_bytes,"
+    " updated_at"
+)
+_CASE_COLUMNS = (
+    "case_id, room, status, progress, error, case_path, priority, created_at, updated_at"
+)
+_TERMINAL = tuple(str(s) for s in CaseStatus if s.is_terminal)
+
+
+def _beam_from(r: sqlite3.Row) -> BeamSnapshot:
+    resume = r["resume_status"]
+    return BeamSnapshot(
+        beam_id=r["beam_id"],
+        beam_number=r["beam_number"],
+        status=BeamStatus(r["status"]),
+        host=r["host"],
+        gpus=decode_str_list(r["gpu_uuids"]),
+        attempts=r["attempts"],
+        progress=r["progress"],
+        outputs=decode_str_list(r["outputs"]),
+        error=r["error"],
+        beam_name=r["beam_name"],
+        resume_status=None if resume is None else BeamStatus(resume),
+        not_before_at=decode_optional_time(r["not_before_at"]),
+        transfer_done_bytes=r["transfer_done_bytes"],
+        transfer_total_bytes=r["transfer_total_bytes"],
+        updated_at=decode_time(r["updated_at"]),
+    )
+
+
+async def _cases_with_beams(
+    session: Session, where: str = "", params: Sequence[SqlValue] = ()
+) -> list[CaseSnapshot]:
+    """Cases matching `where` (SQL on `cases`) with their beams: two queries."""
     beams_of: dict[str, list[BeamSnapshot]] = {}
+    beam_filter = f" WHERE case_id IN (SELECT case_id FROM cases {where})" if where else ""
     for r in await session.rows(
-        "SELECT case_id, beam_id, beam_number, status, host, gpu_uuids, attempts, progress,"
-        " outputs, error, beam_name, resume_status, not_before_at, transfer_done_bytes,"
-        " transfer_total_bytes, updated_at FROM beams ORDER BY case_id, beam_index"
+        f"SELECT {_BEAM_COLUMNS} FROM beams{beam_filter} ORDER BY case_id, beam_index", params
     ):
-        resume = r["resume_status"]
-        beams_of.setdefault(r["case_id"], []).append(
-            BeamSnapshot(
-                beam_id=r["beam_id"],
-                beam_number=r["beam_number"],
-                status=BeamStatus(r["status"]),
-                host=r["host"],
-                gpus=decode_str_list(r["gpu_uuids"]),
-                attempts=r["attempts"],
-                progress=r["progress"],
-                outputs=decode_str_list(r["outputs"]),
-                error=r["error"],
-                beam_name=r["beam_name"],
-                resume_status=None if resume is None else BeamStatus(resume),
-                not_before_at=decode_optional_time(r["not_before_at"]),
-                transfer_done_bytes=r["transfer_done_bytes"],
-                transfer_total_bytes=r["transfer_total_bytes"],
-                updated_at=decode_time(r["updated_at"]),
-            )
-        )
+        beams_of.setdefault(r["case_id"], []).append(_beam_from(r))
     return [
         CaseSnapshot(
             case_id=r["case_id"],
@@ -130,7 +145,52 @@ async def read_snapshot(session: Session) -> list[CaseSnapshot]:
             updated_at=decode_time(r["updated_at"]),
         )
         for r in await session.rows(
-            "SELECT case_id, room, status, progress, error, case_path, priority, created_at,"
-            " updated_at FROM cases ORDER BY created_at, rowid"
+            f"SELECT {_CASE_COLUMNS} FROM cases {where} ORDER BY created_at, rowid", params
         )
     ]
+
+
+async def read_snapshot(session: Session) -> list[CaseSnapshot]:
+    """Every case in creation order with its beams by index: two queries, whatever the count."""
+    return await _cases_with_beams(session)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DashboardCounts:
+    """Whole-database counts for the dashboard header, from covering-index scans."""
+
+    cases_by_status: dict[str, int]
+    beams_by_status: dict[str, int]
+
+
+async def read_dashboard_cases(
+    session: Session, *, recent: int = 200, text: str = ""
+) -> tuple[list[CaseSnapshot], DashboardCounts]:
+    """What the dashboard shows: every unfinished case plus the `recent` newest (or, with
+    `text`, the cases whose id, status or room contains it), and whole-database counts.
+
+    Bounded by what is on screen, so it stays fast with years of history in the database.
+    """
+    if text:
+        like = f"%{text}%"
+        where = (
+            "WHERE case_id IN (SELECT case_id FROM cases WHERE case_id LIKE ? OR status LIKE ?"
+            " OR room LIKE ? ORDER BY created_at DESC LIMIT ?)"
+        )
+        params: tuple[SqlValue, ...] = (like, like, like, recent)
+    else:
+        where = (
+            "WHERE case_id IN (SELECT case_id FROM cases INDEXED BY idx_cases_status"
+            f" WHERE status NOT IN ({', '.join('?' * len(_TERMINAL))})"
+            " UNION SELECT case_id FROM (SELECT case_id FROM cases"
+            " ORDER BY created_at DESC LIMIT ?))"
+        )
+        params = (*_TERMINAL, recent)
+    cases = await _cases_with_beams(session, where, params)
+    by_case = {
+        r[0]: r[1] for r in await session.rows("SELECT status, COUNT(*) FROM cases GROUP BY status")
+    }
+    by_beam = {
+        r[0]: r[1] for r in await session.rows("SELECT status, COUNT(*) FROM beams GROUP BY status")
+    }
+    return cases, DashboardCounts(cases_by_status=by_case, beams_by_status=by_beam)

@@ -16,8 +16,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Label, RichLog, Static
 
+from mqi_async.domain.model import CaseStatus
 from mqi_async.domain.records import CommandKind
 from mqi_async.store import BeamSnapshot, CaseSnapshot, EventRow, GpuRow, LeaseRow, Store
+from mqi_async.store.snapshot import DashboardCounts
 
 CASE_COLUMNS = ("case", "room", "status", "progress", "beams", "age", "error")
 BEAM_COLUMNS = ("beam", "#", "status", "host", "gpu", "attempt", "progress", "transfer", "elapsed")
@@ -29,6 +31,7 @@ class Dashboard:
     """Everything one refresh shows, read from the store in one go."""
 
     cases: Sequence[CaseSnapshot]
+    counts: DashboardCounts
     gpus: Sequence[GpuRow]
     leases: Sequence[LeaseRow]
     events: Sequence[EventRow]
@@ -257,8 +260,11 @@ class DashboardApp(App[None]):
         await self.refresh_view()
 
     async def read_dashboard(self) -> Dashboard:
+        """One bounded read: unfinished and recent cases (or the filter's), GPUs, events."""
+        cases, counts = await self._store.dashboard(recent=200, text=self._filter)
         return Dashboard(
-            cases=await self._store.snapshot(),
+            cases=cases,
+            counts=counts,
             gpus=await self._store.list_gpus(),
             leases=await self._store.list_leases(),
             events=await self._store.recent_events(100),
@@ -285,11 +291,13 @@ class DashboardApp(App[None]):
         hosts = "  ".join(f"{name}: {state}" for name, state in dash.hosts.items()) or "no hosts"
         busy = {lease.uuid for lease in dash.leases}
         total = len(dash.gpus)
-        active = sum(1 for c in dash.cases if not c.status.is_terminal)
-        queued = sum(1 for c in dash.cases for b in c.beams if b.status == "queued")
+        by_case = dash.counts.cases_by_status
+        active = sum(n for status, n in by_case.items() if not CaseStatus(status).is_terminal)
+        queued = dash.counts.beams_by_status.get("queued", 0)
         self.query_one("#header", Static).update(
             f"mqi-async · {dash.state} · {hosts} · GPUs {len(busy)}/{total} leased · "
-            f"{active} active case(s) · {queued} beam(s) waiting for a GPU"
+            f"{active} active · {by_case.get('completed', 0)} completed · "
+            f"{by_case.get('failed', 0)} failed · {queued} beam(s) waiting for a GPU"
         )
 
     @staticmethod

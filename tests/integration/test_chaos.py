@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mqi_async.domain.model import BEAM_TRANSITIONS, BeamStatus
-from tests.e2e import beam_statuses, make_rig, spawn_service, wait_status
+from tests.e2e import beam_statuses, make_rig, spawn_service, wait_for_log, wait_status
 from tests.sshd import SshdServer
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
@@ -42,6 +42,8 @@ def test_sigkill_at_ten_random_moments(tmp_path: Path, sshd: SshdServer) -> None
             lambda d: len(d["cases"]) == 4 and all(c["status"] == "completed" for c in d["cases"]),
             timeout_s=240,
         )
+        # a SIGTERM before Python has even started would not reach the service's handler
+        wait_for_log(rig.root / "service-final.out", "mqi-async running")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from mqi_async.config import Settings, SlurmHostSettings
 from mqi_async.domain import slurm
+from mqi_async.domain.errors import ConfigError
 from mqi_async.domain.jobs import JobSpec, JobState
 from mqi_async.domain.slurm import AcctRow, Observation, QueueRow, judge
-from mqi_async.hpc.slurm import batch_script
+from mqi_async.hpc.slurm import SlurmHost, batch_script
+from mqi_async.hpc.ssh import ConnectLimiter
+from mqi_async.service import build_hosts
 
 
 def test_sbatch_parsable_output() -> None:
@@ -267,3 +271,40 @@ def test_batch_script_rejects_bad_specs() -> None:
         batch_script(JobSpec(job_dir="/x", argv=("a",), env=(("1BAD", "v"),)))
     with pytest.raises(ValueError):
         batch_script(JobSpec(job_dir="/x\0y", argv=("a",)))
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def _slurm_settings(**kw: object) -> SlurmHostSettings:
+    values: dict[str, object] = {
+        "kind": "slurm",
+        "name": "cluster",
+        "address": "login.example",
+        "remote_root": "/shared/mqi",
+        "moqui_command": "/shared/tps_env",
+        "partition": "gpu",
+        **kw,
+    }
+    return SlurmHostSettings.model_validate(values)
+
+
+def test_service_builds_a_slurm_host(tmp_path: Path) -> None:
+    settings = Settings(hosts=[_slurm_settings()], gpu={"allocation": "all_gpus"})  # type: ignore[arg-type]
+    hosts = build_hosts(settings, tmp_path)
+    host = hosts["cluster"]
+    assert isinstance(host, SlurmHost)
+    assert (host.kind, host.leases_gpus, host.remote_root) == ("slurm", False, "/shared/mqi")
+    assert host.moqui_command == ("/shared/tps_env",)
+    argv = host._sbatch_argv(
+        JobSpec(job_dir="/shared/mqi/c/beam_1/1-ab", argv=("x",), name="mqi-c-b1")
+    )
+    assert argv[:2] == ["sbatch", "--parsable"]
+    assert {"--job-name=mqi-c-b1", "--time=02:00:00", "--partition=gpu", "--gres=gpu:1",
+            "--exclusive", "--no-requeue"} <= set(argv)  # fmt: skip
+
+
+def test_a_bad_time_limit_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        SlurmHost.from_settings(_slurm_settings(time_limit="soon"), limiter=ConnectLimiter())
+    assert "cluster" in str(err.value) and "soon" in str(err.value)
