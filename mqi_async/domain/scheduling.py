@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from mqi_async.domain.errors import FailureKind, failure_info
-from mqi_async.domain.gpus import GpuInfo, GpuSample
+from mqi_async.domain.gpus import ComputeApp, GpuInfo, GpuSample
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,26 +42,40 @@ def free_gpus(
     released_at: Mapping[str, datetime],
     policy: GpuPolicy,
     now: datetime,
+    own_pids: Mapping[str, frozenset[int]] | None = None,
 ) -> list[GpuInfo]:
     """GPUs of a sample that a new beam may use now.
 
     A GPU is free when no lease holds it, its sample is fresh, it has enough free memory,
-    and no compute process runs on it. A GPU released at time T counts only in a sample
-    taken after T, so our own just-finished process is never mistaken for a foreign one.
+    and no foreign compute process runs on it. `own_pids` are the processes seen on each GPU
+    while one of our beams held it: after the release they are known to have ended, so a
+    sample still showing them (and their memory) does not make the GPU wait for the next
+    poll. In `all_gpus` mode the host must really be idle: only a sample taken after the
+    last release counts (docs/domain.md §2.1, the serial multi-GPU gate).
     """
     if (now - sample.taken_at).total_seconds() > policy.max_sample_age_s:
         return []
-    busy = {a.gpu_uuid for a in sample.apps}
+    own = own_pids or {}
+    apps_on: dict[str, list[ComputeApp]] = {}
+    for app in sample.apps:
+        apps_on.setdefault(app.gpu_uuid, []).append(app)
     out = []
     for g in sample.gpus:
         if policy.allowed_indices is not None and g.index not in policy.allowed_indices:
             continue
-        if g.uuid in leased or g.uuid in busy:
+        if g.uuid in leased:
             continue
-        if g.memory_free_mb < policy.min_free_memory_mb:
+        mine = own.get(g.uuid, frozenset())
+        apps = apps_on.get(g.uuid, [])
+        if any(a.pid not in mine for a in apps):
             continue
         freed = released_at.get(g.uuid)
-        if freed is not None and sample.taken_at <= freed:
+        if policy.allocation == "all_gpus" and (
+            apps or (freed is not None and sample.taken_at <= freed)
+        ):
+            continue
+        memory_free_mb = g.memory_free_mb + sum(a.used_memory_mb for a in apps)
+        if memory_free_mb < policy.min_free_memory_mb:
             continue
         out.append(g)
     return sorted(out, key=lambda g: g.index)
@@ -74,9 +88,12 @@ def choose_gpus(
     released_at: Mapping[str, datetime],
     policy: GpuPolicy,
     now: datetime,
+    own_pids: Mapping[str, frozenset[int]] | None = None,
 ) -> GpuChoice | None:
     """The GPUs one beam gets on this host, or None when it must wait."""
-    free = free_gpus(sample, leased=leased, released_at=released_at, policy=policy, now=now)
+    free = free_gpus(
+        sample, leased=leased, released_at=released_at, policy=policy, now=now, own_pids=own_pids
+    )
     if not free:
         return None
     if policy.allocation == "all_gpus":

@@ -220,7 +220,7 @@ class Engine:
                 await self._store.release_leases(lease.beam_id)
         for beam in await self._store.list_beams_in(LEASE_HOLDERS | {B.PAUSED}):
             if beam.host:
-                self.scheduler.adopt(beam.beam_id, beam.host)
+                self.scheduler.adopt(beam.beam_id, beam.host, beam.gpu_uuids)
         for case in await self._store.list_cases([C.PROCESSING]):
             # a crash between interpretation and queueing leaves beams pending; move them on
             for beam in await self._store.list_beams(case.case_id):

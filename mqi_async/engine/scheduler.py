@@ -56,10 +56,29 @@ class GpuScheduler:
         self._queue: list[_Request] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
+        #: GPU uuid -> the beam holding it, as this process granted or adopted it
+        self._holder: dict[str, str] = {}
+        #: GPU uuid -> pids seen on it while one of our beams held it (ours, so not foreign)
+        self._own_pids: dict[str, frozenset[int]] = {}
         #: beams currently holding a slot on a scheduler-allocated host (slurm)
         self._slots: dict[str, set[str]] = {name: set() for name in hosts}
 
     def on_sample(self, sample: GpuSample) -> None:
+        seen: dict[str, set[int]] = {}
+        for app in sample.apps:
+            seen.setdefault(app.gpu_uuid, set()).add(app.pid)
+        for g in sample.gpus:
+            here = frozenset(seen.get(g.uuid, ()))
+            if g.uuid in self._holder:
+                # seen under our lease: our job (it has ended by the time the lease goes)
+                self._own_pids[g.uuid] = self._own_pids.get(g.uuid, frozenset()) | here
+                continue
+            freed = self._released_at.get(g.uuid)
+            if freed is not None and sample.taken_at > freed:
+                # taken after our job ended: whatever still runs there is someone else's
+                self._own_pids[g.uuid] = frozenset()
+            else:
+                self._own_pids[g.uuid] = self._own_pids.get(g.uuid, frozenset()) & here
         self._samples[sample.host] = sample
         self._wake.set()
 
@@ -89,8 +108,10 @@ class GpuScheduler:
             if req in self._queue:
                 self._queue.remove(req)
 
-    def adopt(self, beam_id: str, host: str) -> None:
-        """Count a beam that already holds a slot (after a restart) against its host."""
+    def adopt(self, beam_id: str, host: str, gpu_uuids: tuple[str, ...] = ()) -> None:
+        """Count a beam that already holds GPUs or a slot (after a restart) against its host."""
+        for uuid in gpu_uuids:
+            self._holder[uuid] = beam_id
         if host in self._slots and not self._hosts[host].leases_gpus:
             self._slots[host].add(beam_id)
 
@@ -102,6 +123,7 @@ class GpuScheduler:
         hosts = {lease.host for lease in released}
         for lease in released:
             self._released_at[lease.uuid] = now
+            self._holder.pop(lease.uuid, None)
         for name, holders in self._slots.items():
             if beam_id in holders:
                 holders.discard(beam_id)
@@ -147,11 +169,18 @@ class GpuScheduler:
             if policy.allocation == "all_gpus" and sample.host in busy_hosts:
                 continue
             choice = choose_gpus(
-                sample, leased=leased, released_at=self._released_at, policy=policy, now=now
+                sample,
+                leased=leased,
+                released_at=self._released_at,
+                policy=policy,
+                now=now,
+                own_pids=self._own_pids,
             )
             if choice is None:
                 continue
             if await self._store.lease_gpus(beam_id, sample.host, choice.uuids):
+                for uuid in choice.uuids:
+                    self._holder[uuid] = beam_id
                 log.info(
                     "leased %s on %s to %s",
                     ",".join(str(g.index) for g in choice.gpus),

@@ -24,7 +24,7 @@ from mqi_async.ingest.watcher import CaseWatcher
 from mqi_async.service import SystemClock, engine_settings
 from mqi_async.store import Store
 from mqi_async.store.events import CASE_REGISTERED
-from mqi_async.tools import LocalToolRunner, Tools
+from mqi_async.tools import DoseWorker, LocalToolRunner, Tools
 
 #: generous: these only bound a wait, they are never what a test asserts
 DEADLINE_S = 30.0
@@ -197,7 +197,12 @@ async def test_marked_case_with_hundreds_of_events_is_registered_once(tmp_path: 
         engine = Engine(
             store=store,
             hosts={},
-            tools=LocalToolRunner(Tools(settings.tools), settings.tools, dict(settings.moqui)),
+            tools=LocalToolRunner(
+                Tools(settings.tools),
+                settings.tools,
+                dict(settings.moqui),
+                DoseWorker(timeout_s=60),
+            ),
             source=CaseReader(fraction_window=timedelta(minutes=60)),
             clock=SystemClock(),
             settings=engine_settings(settings, {}),
