@@ -435,3 +435,11 @@ def judge(obs: Observation, *, settled: bool) -> Verdict:
     code = acct.exit_code if acct is not None else None
     sig = acct.signal if acct is not None else None
     return Verdict(status=_from_final(obs, state, code, sig))
+
+
+def queue_line(queue: SlurmQueue) -> str:
+    """The cluster's state in one line for the dashboard's GPU panel."""
+    reasons = sorted({j.reason for j in queue.pending if j.reason and j.reason != "None"})
+    pending = f"{len(queue.pending)} pending" + (f" ({', '.join(reasons)})" if reasons else "")
+    nodes = ", ".join(f"{n.name} {n.gpus_used}/{n.gpus_total} GPUs {n.state}" for n in queue.nodes)
+    return f"{len(queue.running)} running, {pending}; {nodes or 'no nodes'}"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from mqi_async.domain.errors import HostUnavailableError, MqiError
 from mqi_async.domain.gpus import GpuSample
 from mqi_async.domain.jobs import JobHandle, JobState, JobStatus
+from mqi_async.domain.slurm import queue_line
 from mqi_async.engine.ports import Host, Store
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,23 @@ class GpuPoller:
                 self.last_error = None
                 self._on_sample(sample)
                 await self._store.record_gpu_sample(sample)
+                if not self._host.leases_gpus:
+                    await self._record_queue()
             async with self._sampled:
                 self.samples_taken += 1
                 self._sampled.notify_all()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval_s):
                     await self._now.wait()
+
+    async def _record_queue(self) -> None:
+        try:
+            queue = await self._host.queue_summary()
+        except MqiError as exc:
+            # the panel shows the last good view; a failing host shows up in its state
+            log.debug("queue of %s not read: %s", self._host.name, exc)
+            return
+        await self._store.record_host_detail(self._host.name, queue_line(queue) if queue else None)
 
 
 @dataclass(slots=True)

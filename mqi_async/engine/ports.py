@@ -30,6 +30,7 @@ from mqi_async.domain.records import (
     ResolvedCase,
     RunRow,
 )
+from mqi_async.domain.slurm import SlurmQueue
 
 
 class Clock(Protocol):
@@ -119,6 +120,10 @@ class Host(Protocol):
 
     async def kill_job(self, handle: JobHandle) -> None:
         """Stop the whole process group (TERM, then KILL) or cancel the scheduler job."""
+        ...
+
+    async def queue_summary(self) -> SlurmQueue | None:
+        """A batch cluster's queue and nodes (slurm); None for hosts whose GPUs are sampled."""
         ...
 
     async def sample_gpus(self) -> GpuSample:
@@ -212,6 +217,8 @@ class Store(Protocol):
     async def record_gpu_sample(self, sample: GpuSample) -> None: ...
 
     async def record_host_state(self, name: str, state: str, error: str | None) -> None: ...
+
+    async def record_host_detail(self, name: str, detail: str | None) -> None: ...
 
     async def lease_gpus(self, beam_id: str, host: str, uuids: Sequence[str]) -> bool:
         """Lease all of the GPUs to the beam, or none of them."""

@@ -372,5 +372,9 @@ class SimulatedHost:
     async def kill_job(self, handle: JobHandle) -> None:
         await self.ssh_host.kill_job(handle)
 
+    async def queue_summary(self) -> None:
+        """A GPU server has no batch queue; its GPUs are sampled instead."""
+        return None
+
     async def sample_gpus(self) -> GpuSample:
         return await self.ssh_host.sample_gpus()

@@ -295,6 +295,10 @@ class SshHost:
 
     # -- GPUs ---------------------------------------------------------------------------
 
+    async def queue_summary(self) -> None:
+        """A GPU server has no batch queue; its GPUs are sampled instead."""
+        return None
+
     async def sample_gpus(self) -> GpuSample:
         script = gpu_query_script(self._nvidia_smi_argv, timeout_s=GPU_QUERY_TIMEOUT_S)
         taken_at = self._now()

@@ -524,6 +524,10 @@ class Store:
         async with self.transaction() as tx:
             await tx.hosts.record(name, state, error)
 
+    async def record_host_detail(self, name: str, detail: str | None) -> None:
+        async with self.transaction() as tx:
+            await tx.hosts.record_detail(name, detail)
+
     async def list_hosts(self) -> list[HostRow]:
         async with self.read() as tx:
             return await tx.hosts.find()

@@ -17,6 +17,8 @@ class HostRow:
     #: the named error that paused it (e.g. `host_key_mismatch: …`), None when connected
     error: str | None
     updated_at: datetime
+    #: a batch cluster's queue in one line (slurm); None for GPU servers
+    detail: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "state": self.state, "error": self.error}
@@ -39,14 +41,26 @@ class Hosts:
             (name, state, error, encode_time(self._s.at)),
         )
 
+    async def record_detail(self, name: str, detail: str | None) -> None:
+        self._s.require_writable()
+        await self._s.execute(
+            "INSERT INTO hosts (name, state, error, updated_at, detail)"
+            " VALUES (?, 'connected', NULL, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET detail = excluded.detail",
+            (name, encode_time(self._s.at), detail),
+        )
+
     async def find(self) -> list[HostRow]:
-        rows = await self._s.rows("SELECT name, state, error, updated_at FROM hosts ORDER BY name")
+        rows = await self._s.rows(
+            "SELECT name, state, error, updated_at, detail FROM hosts ORDER BY name"
+        )
         return [
             HostRow(
                 name=r["name"],
                 state=r["state"],
                 error=r["error"],
                 updated_at=decode_time(r["updated_at"]),
+                detail=r["detail"],
             )
             for r in rows
         ]

@@ -35,6 +35,7 @@ class Dashboard:
     gpus: Sequence[GpuRow]
     leases: Sequence[LeaseRow]
     events: Sequence[EventRow]
+    clusters: Mapping[str, str] = field(default_factory=dict)
     hosts: Mapping[str, str] = field(default_factory=dict)
     state: str = "running"
 
@@ -268,6 +269,7 @@ class DashboardApp(App[None]):
             gpus=await self._store.list_gpus(),
             leases=await self._store.list_leases(),
             events=await self._store.recent_events(100),
+            clusters={h.name: h.detail for h in await self._store.list_hosts() if h.detail},
             hosts=self._hosts_state(),
             state=self._service_state(),
         )
@@ -353,6 +355,9 @@ class DashboardApp(App[None]):
         table = self.query_one("#gpus", DataTable)
         owners = {lease.uuid: lease.beam_id for lease in dash.leases}
         new = {f"{g.host}/{g.uuid}": gpu_cells(g, owners.get(g.uuid)) for g in dash.gpus}
+        for host, line in dash.clusters.items():
+            # a Slurm cluster allocates its own GPUs: show its queue instead
+            new[f"{host}/queue"] = (host, "-", "slurm queue", "", "", "", line)
         self._sync(table, self._gpu_rows, new, GPU_COLUMNS)
 
     def _render_events(self, dash: Dashboard) -> None:

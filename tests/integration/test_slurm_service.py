@@ -148,6 +148,9 @@ async def test_twelve_beams_on_four_gpus(tmp_path: Path, cluster: SlurmCluster) 
         snapshot = await svc.store.snapshot()
         runs = await all_runs(svc)
         slots = svc.engine.scheduler._slots["cluster"]  # the queue slots the engine holds
+        hosts = {h.name: h for h in await svc.store.list_hosts()}
+    # the dashboard's GPU panel shows the cluster's queue and its nodes' GPUs
+    assert hosts["cluster"].detail is not None and "/4 GPUs" in hosts["cluster"].detail
     # Slurm, not the service (max_jobs 16), kept it at 4 running: one per fake GPU
     assert probe.samples > 20
     assert probe.max_running == 4 and probe.max_procs == 4

@@ -308,3 +308,26 @@ def test_a_bad_time_limit_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as err:
         SlurmHost.from_settings(_slurm_settings(time_limit="soon"), limiter=ConnectLimiter())
     assert "cluster" in str(err.value) and "soon" in str(err.value)
+
+
+def test_queue_line_summarises_jobs_and_nodes() -> None:
+    from datetime import UTC, datetime
+
+    from mqi_async.domain.slurm import SlurmJob, SlurmNode, SlurmQueue, queue_line
+
+    def job(i: str, state: str, reason: str) -> SlurmJob:
+        return SlurmJob(
+            job_id=i, state=state, reason=reason, gres="gpu:1", nodes="", elapsed="0:01", name="mqi"
+        )
+
+    queue = SlurmQueue(
+        host="cluster",
+        taken_at=datetime(2026, 11, 29, tzinfo=UTC),
+        jobs=(
+            job("1", "RUNNING", "None"),
+            job("2", "PENDING", "Resources"),
+            job("3", "PENDING", "Priority"),
+        ),
+        nodes=(SlurmNode(name="n1", state="mix", gpus_total=4, gpus_used=1),),
+    )
+    assert queue_line(queue) == "1 running, 2 pending (Priority, Resources); n1 1/4 GPUs mix"
