@@ -28,6 +28,22 @@ _RECORD = "MQIJOB"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BOOT_ID = "cat /proc/sys/kernel/random/boot_id 2>/dev/null"
 
+#: Shared by the detached-run wrapper and the Slurm batch script: wait for the background
+#: child `$mqi_child` (a trapped signal interrupts `wait` with rc > 128 while the child still
+#: runs), then write its status, and the signal name for rc > 128, to `exit_code` atomically.
+WAIT_AND_RECORD_EXIT = """\
+rc=126
+if [ -n "$mqi_child" ]; then
+  while :; do
+    wait "$mqi_child"; rc=$?
+    [ "$rc" -gt 128 ] && kill -0 "$mqi_child" 2>/dev/null || break
+  done
+fi
+sig=
+if [ "$rc" -gt 128 ]; then sig=$(kill -l "$rc" 2>/dev/null) || sig=; fi
+cd -- "$d" && printf '%s\\n%s\\n' "$rc" "$sig" > exit_code.tmp && mv -f exit_code.tmp exit_code
+"""
+
 # Runs as the session leader made by setsid, so its pid is the process-group id. It records
 # that id (with the boot id, so a pgid reused after a reboot is never mistaken for the job),
 # runs the command in the background and waits, because a trapped TERM must not stop the
@@ -40,18 +56,7 @@ trap 'mqi_term=1' TERM INT HUP
 ENV_EXPORTS
 mqi_child=
 cd -- "$c" && { "$@" & mqi_child=$!; }
-rc=126
-if [ -n "$mqi_child" ]; then
-  while :; do
-    wait "$mqi_child"; rc=$?
-    # a trapped signal interrupts wait with rc > 128 while the child still runs
-    [ "$rc" -gt 128 ] && kill -0 "$mqi_child" 2>/dev/null || break
-  done
-fi
-sig=
-if [ "$rc" -gt 128 ]; then sig=$(kill -l "$rc" 2>/dev/null) || sig=; fi
-cd -- "$d" && printf '%s\\n%s\\n' "$rc" "$sig" > exit_code.tmp && mv -f exit_code.tmp exit_code
-"""
+""" + (WAIT_AND_RECORD_EXIT)
 
 # Liveness of a process group: kill -0 says yes for zombies too, which an init that reaps
 # slowly keeps around, so a group whose members `ps` lists are all zombies counts as gone.

@@ -89,7 +89,8 @@ _SBATCH_RC = "MQISBATCHRC"
 # The batch script. It claims the attempt directory (mkdir is atomic on every shared
 # filesystem), records its job id, runs MOQUI in the background and waits, because a trapped
 # TERM (scancel, time limit) must not stop it before it writes the exit status.
-_BATCH = """\
+_BATCH = (
+    """\
 #!/bin/sh
 # mqi-async: one MOQUI attempt as a Slurm batch job; writes exit_code like a detached run
 d=JOB_DIR
@@ -104,18 +105,12 @@ trap 'mqi_term=1' TERM INT HUP
 ENV_EXPORTS
 mqi_child=
 cd -- CWD && { COMMAND </dev/null >>"$d"/LOG 2>&1 & mqi_child=$!; }
-rc=126
-if [ -n "$mqi_child" ]; then
-  while :; do
-    wait "$mqi_child"; rc=$?
-    [ "$rc" -gt 128 ] && kill -0 "$mqi_child" 2>/dev/null || break
-  done
-fi
-sig=
-if [ "$rc" -gt 128 ]; then sig=$(kill -l "$rc" 2>/dev/null) || sig=; fi
-cd -- "$d" && printf '%s\\n%s\\n' "$rc" "$sig" > EXIT.tmp && mv -f EXIT.tmp EXIT
+"""
+    + jobs.WAIT_AND_RECORD_EXIT
+    + """\
 exit "$rc"
 """
+)
 
 
 def _spec_error(exc: ValueError) -> PermanentError:
