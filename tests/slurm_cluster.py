@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,9 +37,8 @@ import asyncssh
 import pytest
 import yaml
 
-from mqi_async.config import Settings, load_settings
+from mqi_async.config import load_settings
 from mqi_async.demo.cases import CaseSpec, WrittenCase, write_case
-from mqi_async.service import Service, open_service, run_until_stopped
 from tests.sshd import SshdServer, find_sshd, free_port
 
 REQUIRE_SLURM_ENV = "MQI_TEST_REQUIRE_SLURM"
@@ -514,35 +513,6 @@ def drop_case(scan: Path, case_id: str, *, beams: int) -> WrittenCase:
         first_delivery_at=first,
     )  # fmt: skip
     return write_case(scan, spec, marker_last=True)
-
-
-@contextlib.asynccontextmanager
-async def running_service(settings: Settings) -> AsyncIterator[Service]:
-    """The whole service in this event loop (no UI), stopped gracefully on exit."""
-    async with open_service(settings) as service:
-        task = asyncio.create_task(run_until_stopped(service, None))
-        try:
-            await asyncio.wait_for(service.engine.ready.wait(), 30)
-            yield service
-        finally:
-            service.request_stop()
-            await asyncio.wait_for(task, 30)
-
-
-async def wait_until(
-    check: Callable[[], Any], *, timeout_s: float = 60.0, interval_s: float = 0.2, what: str = ""
-) -> Any:
-    """Poll an async or sync predicate until it returns something truthy."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
 class ConcurrencyProbe:

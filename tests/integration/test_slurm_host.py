@@ -16,7 +16,8 @@ from mqi_async.domain.jobs import JobHandle, JobSpec, JobState, JobStatus
 from mqi_async.hpc.slurm import SlurmHost
 from mqi_async.hpc.ssh import ConnectLimiter, SshPool
 from mqi_async.hpc.ssh_host import SshHost
-from tests.slurm_cluster import SlurmCluster, fresh, module_cluster, wait_until
+from tests.e2e import wait_until
+from tests.slurm_cluster import SlurmCluster, fresh, module_cluster
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 

@@ -19,6 +19,7 @@ from mqi_async.config import Settings, load_settings
 from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
 from mqi_async.domain.records import RunRow
 from mqi_async.service import Service
+from tests.e2e import running_service, wait_until
 from tests.slurm_cluster import (
     BIN,
     ConcurrencyProbe,
@@ -26,11 +27,9 @@ from tests.slurm_cluster import (
     drop_case,
     fresh,
     module_cluster,
-    running_service,
     sim_env,
     slurm_host_config,
     tps_env_argv,
-    wait_until,
     write_config,
 )
 
