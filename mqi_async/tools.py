@@ -306,9 +306,13 @@ class LocalToolRunner:
 
     async def _external_converter(self, source: Path, target: Path, log_path: Path) -> None:
         assert isinstance(self._s.raw_to_dicom, list)
+        # a private folder per beam: a converter that names its own file can only ever write
+        # this beam's dose, never be mistaken for another beam's
+        private = target.parent / f".convert-{target.stem}"
+        await asyncio.to_thread(_fresh_dir, private)
         argv = fill_placeholders(
             self._s.raw_to_dicom,
-            {"input": str(source), "output_dir": str(target.parent), "output": str(target)},
+            {"input": str(source), "output_dir": str(private), "output": str(private / target.name)},
         )
         result = await self._tools.run(
             argv, log_path=log_path, timeout_s=self._s.raw_to_dicom_timeout_seconds
@@ -317,12 +321,13 @@ class LocalToolRunner:
             raise TransientError(
                 "dose_conversion_failed", f"{result.last_line() or 'no output'} (log: {log_path})"
             )
-        if not target.is_file():
-            # external converters pick their own names: take the newest .dcm they wrote
-            written = sorted(target.parent.glob("*.dcm"), key=lambda p: p.stat().st_mtime)
-            if not written:
-                raise TransientError("dose_conversion_failed", f"{argv[0]} wrote no .dcm file")
-            written[-1].replace(target)
+        written = await asyncio.to_thread(lambda: sorted(private.glob("*.dcm")))
+        if len(written) != 1:
+            raise TransientError(
+                "converter_output_ambiguous",
+                f"{argv[0]} wrote {len(written)} .dcm files into {private}, expected exactly one",
+            )
+        await asyncio.to_thread(_publish, written[0], target, private)
 
     async def postprocess(self, *, values: Mapping[str, str], log_path: Path) -> bool | None:
         if self._s.postprocess is None:
@@ -332,6 +337,16 @@ class LocalToolRunner:
             argv, log_path=log_path, timeout_s=self._s.postprocess_timeout_seconds
         )
         return result.ok
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, mode=0o700)
+
+
+def _publish(written: Path, target: Path, private: Path) -> None:
+    written.replace(target)
+    shutil.rmtree(private, ignore_errors=True)
 
 
 def _append_line(path: Path, line: str) -> None:

@@ -180,6 +180,19 @@ FAILURES: dict[str, FailureInfo] = {
     "already_running": FailureInfo(
         _P, "Another mqi-async service uses this database; stop it first."
     ),
+    # exactly-once and service health
+    "converter_output_ambiguous": FailureInfo(
+        _T, "The raw_to_dicom converter must write exactly one .dcm into {output_dir}; fix it."
+    ),
+    "database_unwritable": FailureInfo(
+        _H, "The database cannot be written (disk full or read-only); free space, it resumes."
+    ),
+    "case_claimed_elsewhere": FailureInfo(
+        _H, "Another mqi-async service runs this case on this host; stop one of the two services."
+    ),
+    "kill_pending": FailureInfo(
+        _H, "A kill could not reach the host; it is sent again when the host is back."
+    ),
 }
 
 

@@ -179,7 +179,8 @@ class Store:
             mode = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))[0][0]
             if str(mode).lower() != "wal":
                 log.warning("database %s: WAL mode refused (journal_mode=%s)", db_path, mode)
-            await conn.execute("PRAGMA synchronous = NORMAL")
+            # FULL: a launch intent must survive power loss once MOQUI may have been spawned
+            await conn.execute("PRAGMA synchronous = FULL")
             version = await migrate(conn, path=str(db_path))
         except BaseException as exc:
             if conn is not None:
