@@ -312,7 +312,11 @@ class LocalToolRunner:
         await asyncio.to_thread(_fresh_dir, private)
         argv = fill_placeholders(
             self._s.raw_to_dicom,
-            {"input": str(source), "output_dir": str(private), "output": str(private / target.name)},
+            {
+                "input": str(source),
+                "output_dir": str(private),
+                "output": str(private / target.name),
+            },
         )
         result = await self._tools.run(
             argv, log_path=log_path, timeout_s=self._s.raw_to_dicom_timeout_seconds

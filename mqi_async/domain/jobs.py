@@ -65,6 +65,9 @@ class JobStatus:
     log_tail: str = ""
     #: a scheduler's own word for the state (slurm: PENDING reason, TIMEOUT, ...)
     detail: str = ""
+    #: seconds the command has run, measured on the host from the start its wrapper recorded
+    #: (queue time, outages and our own restarts never count); None when unknown
+    run_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

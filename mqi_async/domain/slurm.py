@@ -340,6 +340,8 @@ class Observation:
     #: sacct's final record, when it was consulted
     acct: AcctRow | None = None
     acct_known: bool = False
+    #: seconds since the batch script started on a node (host clock), None before it starts
+    run_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -411,6 +413,7 @@ def judge(obs: Observation, *, settled: bool) -> Verdict:
                 state=JobState.RUNNING,
                 log_tail=obs.log_tail,
                 detail="" if q.state == "RUNNING" else q.state,
+                run_seconds=obs.run_seconds,
             )
         )
     # final in Slurm (or forgotten by it) and no exit file yet

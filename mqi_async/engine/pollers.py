@@ -83,11 +83,17 @@ class GpuPoller:
         await self._store.record_host_detail(self._host.name, queue_line(queue) if queue else None)
 
 
+#: consecutive polls that must find a job without exit file and process before it is lost
+LOST_AFTER_POLLS = 2
+
+
 @dataclass(slots=True)
 class _Watch:
     handle: JobHandle
     future: asyncio.Future[JobStatus]
     on_tail: Callable[[str], Awaitable[None]]
+    give_up: Callable[[JobStatus], bool] | None = None
+    lost_polls: int = 0
 
 
 class JobMonitor:
@@ -107,11 +113,19 @@ class JobMonitor:
         self._wake = asyncio.Event()
 
     async def wait_exit(
-        self, handle: JobHandle, on_tail: Callable[[str], Awaitable[None]]
+        self,
+        handle: JobHandle,
+        on_tail: Callable[[str], Awaitable[None]],
+        *,
+        give_up: Callable[[JobStatus], bool] | None = None,
     ) -> JobStatus:
-        """Resolve when the job has exited or is lost; raises HostUnavailableError if the host goes."""
+        """Resolve when the job has exited, is lost (on two polls running), or when `give_up`
+        says so of a fresh reading of a live job; raises HostUnavailableError if the host goes.
+
+        Every verdict rests on a reading of the host: nothing resolves on elapsed time alone.
+        """
         fut: asyncio.Future[JobStatus] = asyncio.get_running_loop().create_future()
-        self._watches[handle.job_dir] = _Watch(handle, fut, on_tail)
+        self._watches[handle.job_dir] = _Watch(handle, fut, on_tail, give_up)
         self._wake.set()
         try:
             return await fut
@@ -151,7 +165,14 @@ class JobMonitor:
                         except (OSError, MqiError) as exc:
                             # progress is a nicety; it never stops the poll of the others
                             log.debug("progress update for %s failed: %s", w.handle.job_dir, exc)
-                    if st.state in (JobState.EXITED, JobState.LOST):
+                    w.lost_polls = w.lost_polls + 1 if st.state == JobState.LOST else 0
+                    if (
+                        st.state == JobState.EXITED
+                        or w.lost_polls >= LOST_AFTER_POLLS
+                        or st.state != JobState.LOST
+                        and w.give_up is not None
+                        and w.give_up(st)
+                    ):
                         w.future.set_result(st)
             # a fixed cadence: the poll's own time counts against the interval
             elapsed = asyncio.get_running_loop().time() - started

@@ -110,8 +110,11 @@ class Host(Protocol):
         """Start a detached job; returns once its process-group id (or job id) is recorded."""
         ...
 
-    async def attach_job(self, job_dir: str) -> JobHandle | None:
-        """The handle of a job started in `job_dir`, or None if none was started there."""
+    async def attach_job(self, job_dir: str, *, fence: bool = False) -> JobHandle | None:
+        """The handle of a job started in `job_dir`, or None if none was started there.
+
+        With `fence`, a folder where nothing started is closed so nothing can start there later.
+        """
         ...
 
     async def poll_jobs(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:

@@ -251,15 +251,11 @@ class BeamWorkflow:
         remote = RemoteDirs.of(host.remote_root, case, beam)
         run = await self._latest_run(beam.beam_id)
         if run is not None and run.status == RunStatus.LAUNCHING:
-            # we crashed (or lost the host) around the spawn: launch only if it never started
+            # we crashed (or lost the host) around the spawn: adopt what started; otherwise the
+            # launch below goes to the same folder, where at most one wrapper can ever run
             attached = await host.attach_job(run.job_dir)
             if attached is not None:
-                await self._store.set_run_job(run.run_id, attached.job_id)
-                return Step(
-                    to=B.RUNNING,
-                    changes={"progress": RUN_PROGRESS_START},
-                    message="re-attached after restart",
-                )
+                return await self._adopt(run, attached, "re-attached after restart")
         else:
             run = None
         dirs = CaseDirs.of(self._s.work_directory, case)
@@ -307,16 +303,24 @@ class BeamWorkflow:
             # the job may or may not have started: pause here; resuming checks its folder
             raise
         except (TransientError, PermanentError) as exc:
+            # the reply may be lost while the job runs: adopt it, or fence the folder so that
+            # nothing can start there once a new attempt has begun
+            attached = await host.attach_job(run.job_dir, fence=True)
+            if attached is not None:
+                return await self._adopt(
+                    run, attached, f"adopted after an uncertain launch ({exc})"
+                )
             await self._store.finish_run(
                 run.run_id, RunStatus.FAILED, error=format_error("launch_failed", str(exc))
             )
             return await self._attempt_failed(beam, "launch_failed", str(exc))
-        await self._store.set_run_job(run.run_id, handle.job_id)
-        return Step(
-            to=B.RUNNING,
-            changes={"progress": RUN_PROGRESS_START},
-            message=f"launched attempt {run.attempt} on {host.name} (job {handle.job_id})",
+        return await self._adopt(
+            run, handle, f"launched attempt {run.attempt} on {host.name} (job {handle.job_id})"
         )
+
+    async def _adopt(self, run: RunRow, handle: JobHandle, message: str) -> Step:
+        await self._store.set_run_job(run.run_id, handle.job_id)
+        return Step(to=B.RUNNING, changes={"progress": RUN_PROGRESS_START}, message=message)
 
     async def _wait_run(self, beam: BeamRow, case: CaseRow) -> Step:
         assert beam.host is not None
@@ -325,7 +329,7 @@ class BeamWorkflow:
         if run is None or run.job_id is None:
             return await self._attempt_failed(beam, "run_lost", "no launched run is recorded")
         handle = JobHandle(job_dir=run.job_dir, job_id=run.job_id)
-        deadline = run.started_at.timestamp() + self._s.run_timeout_s
+        watch_started = self._clock.monotonic()
         progress = max(beam.progress, RUN_PROGRESS_START)
         tail_file = (
             CaseDirs.of(self._s.work_directory, case).attempt(beam, run.attempt) / "moqui.log.tail"
@@ -340,18 +344,29 @@ class BeamWorkflow:
                 progress = new
                 await self._store.update_beam(beam.beam_id, {"progress": new})
 
-        try:
-            async with asyncio.timeout(max(0.0, deadline - self._clock.now().timestamp())):
-                status = await self._monitors[host.name].wait_exit(handle, on_tail)
-        except TimeoutError:
-            await host.kill_job(handle)
-            await self._store.finish_run(
-                run.run_id, RunStatus.KILLED, error=format_error("run_timeout")
-            )
-            await self._release(beam)
-            return await self._attempt_failed(
-                beam, "run_timeout", f"killed after {self._s.run_timeout_s:.0f} s"
-            )
+        def over_time(status: JobStatus) -> bool:
+            # the host's own measure of the run; queue time, outages and our restarts never
+            # count. Without it, only the time this process has itself seen the job running.
+            if status.state != JobState.RUNNING:
+                return False
+            ran_s = status.run_seconds
+            if ran_s is None:
+                ran_s = self._clock.monotonic() - watch_started
+            return ran_s > self._s.run_timeout_s
+
+        status = await self._monitors[host.name].wait_exit(handle, on_tail, give_up=over_time)
+        if status.state == JobState.RUNNING:
+            await host.kill_job(handle)  # a no-op for a job that has written its exit file
+            after = (await host.poll_jobs([handle])).get(handle.job_dir)
+            if not (after and after.state == JobState.EXITED and after.exit_code == 0):
+                await self._store.finish_run(
+                    run.run_id, RunStatus.KILLED, error=format_error("run_timeout")
+                )
+                await self._release(beam)
+                return await self._attempt_failed(
+                    beam, "run_timeout", f"killed after {self._s.run_timeout_s:.0f} s of running"
+                )
+            status = after  # it finished on its own just before the kill
         # the process is gone: free the GPUs now so the download overlaps the next run
         await self._release(beam)
         return await self._judge_run(beam, case, run, status, host)
@@ -364,10 +379,14 @@ class BeamWorkflow:
         scheduler_code = slurm_failure_code(status.detail)
         if status.state == JobState.LOST:
             code = scheduler_code or "run_lost"
+            listing = await host.list_dir(str(PurePosixPath(run.job_dir) / "dose"))
+            outputs = expected_outputs(self._s.moqui_static, beam.beam_name or "")
+            seen = sum(o.name in listing for o in outputs)
+            detail = f"{status.detail}; {seen} of {len(outputs)} output file(s) present"
             await self._store.finish_run(
-                run.run_id, RunStatus.LOST, error=format_error(code, status.detail)
+                run.run_id, RunStatus.LOST, error=format_error(code, detail)
             )
-            return await self._attempt_failed(beam, code, status.detail)
+            return await self._attempt_failed(beam, code, detail)
         if status.exit_code != 0:
             # name by exit status, as a shell reports it (134 = abort); the signal goes in the text
             code = scheduler_code or run_failure_code(

@@ -15,6 +15,10 @@ from mqi_async.domain.jobs import JobSpec, JobState, JobStatus
 LOG_FILE = "moqui.log"
 PGID_FILE = "pgid"
 EXIT_FILE = "exit_code"
+#: made (mkdir is atomic) by the one wrapper that runs the command, or by a fence
+CLAIM_DIR = "claim"
+#: inside CLAIM_DIR: the folder was fenced, so no wrapper may ever start in it
+FENCE_FILE = "fenced"
 #: bytes of the log each poll returns per job
 LOG_TAIL_BYTES = 4096
 #: a single `sh -c` argument may not exceed 128 KiB on Linux (MAX_ARG_STRLEN); stay well below
@@ -25,6 +29,8 @@ MAX_EMBEDDED_FILE_CHARS = 48_000
 LAUNCH_WAIT_S = 10
 
 _RECORD = "MQIJOB"
+_NOW = "MQINOW"
+_FENCED = "MQIFENCED"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BOOT_ID = "cat /proc/sys/kernel/random/boot_id 2>/dev/null"
 
@@ -44,14 +50,17 @@ if [ "$rc" -gt 128 ]; then sig=$(kill -l "$rc" 2>/dev/null) || sig=; fi
 cd -- "$d" && printf '%s\\n%s\\n' "$rc" "$sig" > exit_code.tmp && mv -f exit_code.tmp exit_code
 """
 
-# Runs as the session leader made by setsid, so its pid is the process-group id. It records
-# that id (with the boot id, so a pgid reused after a reboot is never mistaken for the job),
+# Runs as the session leader made by setsid, so its pid is the process-group id. Only the
+# wrapper that makes the claim folder runs the command, so two launches of one attempt (a
+# retry after a lost reply) start it once. It records its process-group id (with the boot id,
+# so a pgid reused after a reboot is never mistaken for the job, and the host's start time),
 # runs the command in the background and waits, because a trapped TERM must not stop the
 # wrapper before it writes the exit status. Signals show as 128+N, plus the name.
 _WRAPPER = """\
 d=$1; c=$2; shift 2
 cd -- "$d" || exit 126
-printf '%s\\n%s\\n' "$$" "$(BOOT_ID)" > pgid.tmp && mv -f pgid.tmp pgid
+mkdir CLAIM 2>/dev/null || exit 0
+printf '%s\\n%s\\n%s\\n' "$$" "$(BOOT_ID)" "$(date +%s)" > pgid.tmp && mv -f pgid.tmp pgid
 trap 'mqi_term=1' TERM INT HUP
 ENV_EXPORTS
 mqi_child=
@@ -143,8 +152,10 @@ def launch_script(spec: JobSpec) -> str:
             raise ValueError(f"not a valid environment variable name: {key!r}")
         check_text(value, f"value of {key}")
         exports.append(f"export {key}={shlex.quote(value)}")
-    wrapper = _WRAPPER.replace("$(BOOT_ID)", f"$({_BOOT_ID})").replace(
-        "ENV_EXPORTS", "\n".join(exports) or ":"
+    wrapper = (
+        _WRAPPER.replace("$(BOOT_ID)", f"$({_BOOT_ID})")
+        .replace("ENV_EXPORTS", "\n".join(exports) or ":")
+        .replace("mkdir CLAIM", f"mkdir {CLAIM_DIR}")
     )
     d = quote_path(spec.job_dir)
     cwd = quote_path(spec.cwd) if spec.cwd else '"$d"'
@@ -152,6 +163,7 @@ def launch_script(spec: JobSpec) -> str:
         f"d={d}",
         'mkdir -p -- "$d" || exit 3',
         'if [ -s "$d/pgid" ]; then printf "MQIPGID %s\\n" "$(sed -n 1p "$d/pgid")"; exit 0; fi',
+        f'if [ -f "$d/{CLAIM_DIR}/{FENCE_FILE}" ]; then echo {_FENCED}; exit 5; fi',
     ]
     embedded = 0
     for name, text in spec.files:
@@ -190,17 +202,43 @@ def parse_launch_output(stdout: str) -> str | None:
     return None
 
 
-def attach_script(job_dir: str) -> str:
-    """Print the recorded pgid of a job directory (`MQIPGID <pgid>`), if any; for re-attach."""
+def attach_script(job_dir: str, *, fence: bool = False) -> str:
+    """Print the recorded pgid of a job directory (`MQIPGID <pgid>`), if any; for re-attach.
+
+    With `fence`, a folder where no wrapper has claimed the run is closed for good (`MQIFENCED`):
+    a launch whose reply was lost can then never start late, after a new attempt has begun.
+    A wrapper that claimed the folder but has not yet written its pgid is waited for.
+    """
     check_text(job_dir, "job_dir")
     d = quote_path(job_dir)
-    return f'd={d}\nif [ -s "$d/pgid" ]; then printf "MQIPGID %s\\n" "$(sed -n 1p "$d/pgid")"; fi\n'
+    found = 'if [ -s "$d/pgid" ]; then printf "MQIPGID %s\\n" "$(sed -n 1p "$d/pgid")"; exit 0; fi'
+    if not fence:
+        return f"d={d}\n{found}\n"
+    return f"""\
+d={d}
+{found}
+[ -d "$d" ] || mkdir -p -- "$d" || exit 3
+if mkdir "$d/{CLAIM_DIR}" 2>/dev/null; then
+  : > "$d/{CLAIM_DIR}/{FENCE_FILE}"; echo {_FENCED}; exit 0
+fi
+[ -f "$d/{CLAIM_DIR}/{FENCE_FILE}" ] && {{ echo {_FENCED}; exit 0; }}
+i=0
+while [ ! -s "$d/pgid" ] && [ "$i" -lt {LAUNCH_WAIT_S * 20} ]; do sleep 0.05; i=$((i+1)); done
+{found}
+: > "$d/{CLAIM_DIR}/{FENCE_FILE}"; echo {_FENCED}
+"""
+
+
+def parse_fenced(stdout: str) -> bool:
+    """True when `attach_script(fence=True)` closed the folder (nothing runs there)."""
+    return any(line.strip() == _FENCED for line in stdout.splitlines())
 
 
 def poll_script(job_dirs: Sequence[str], *, tail_bytes: int = LOG_TAIL_BYTES) -> str:
     """One script reporting every job's exit status, liveness and log tail, one line each.
 
-    Line: `MQIJOB <index> <exit|-> <signal|-> <alive 0|1> <pgid|-> <base64 log tail|->`.
+    First `MQINOW <host epoch seconds>`, then per job
+    `MQIJOB <index> <exit|-> <signal|-> <alive 0|1> <pgid|-> <start epoch|-> <base64 log tail|->`.
     A process group counts as alive only on the boot that recorded it.
     """
     for d in job_dirs:
@@ -209,9 +247,10 @@ def poll_script(job_dirs: Sequence[str], *, tail_bytes: int = LOG_TAIL_BYTES) ->
     return f"""\
 {_GROUP_ALIVE}{_PROCS}
 boot=$({_BOOT_ID})
+printf '{_NOW} %s\\n' "$(date +%s)"
 i=0
 for d in {words}; do
-  ec=-; sig=-; alive=0; pg=-
+  ec=-; sig=-; alive=0; pg=-; st=-
   if [ -f "$d/{EXIT_FILE}" ]; then
     ec=$(sed -n 1p "$d/{EXIT_FILE}"); sig=$(sed -n 2p "$d/{EXIT_FILE}")
     case $ec in ''|*[!0-9]*) ec=-;; esac
@@ -219,6 +258,7 @@ for d in {words}; do
   fi
   if [ -f "$d/{PGID_FILE}" ]; then
     p=$(sed -n 1p "$d/{PGID_FILE}"); b=$(sed -n 2p "$d/{PGID_FILE}")
+    st=$(sed -n 3p "$d/{PGID_FILE}"); case $st in ''|*[!0-9]*) st=-;; esac
     case $p in ''|*[!0-9]*|0|1) ;; *)
       pg=$p
       if [ -z "$b" ] || [ -z "$boot" ] || [ "$b" = "$boot" ]; then
@@ -227,7 +267,7 @@ for d in {words}; do
     esac
   fi
   t=$(tail -c {int(tail_bytes)} "$d/{LOG_FILE}" 2>/dev/null | base64 | tr -d '\\n')
-  printf '{_RECORD} %s %s %s %s %s %s\\n' "$i" "$ec" "$sig" "$alive" "$pg" "${{t:--}}"
+  printf '{_RECORD} %s %s %s %s %s %s %s\\n' "$i" "$ec" "$sig" "$alive" "$pg" "$st" "${{t:--}}"
   i=$((i+1))
 done
 """
@@ -243,9 +283,15 @@ def _decode_tail(text: str) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def _status(job_dir: str, fields: list[str]) -> JobStatus | None:
-    ec, sig, alive, _pgid, tail = fields
+def _epoch(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 12 else None
+
+
+def _status(job_dir: str, fields: list[str], host_now: int | None) -> JobStatus | None:
+    ec, sig, alive, _pgid, start, tail = fields
     log_tail = _decode_tail(tail)
+    started = _epoch(start)
+    run_s = float(max(0, host_now - started)) if host_now is not None and started else None
     if ec != "-":
         if not ec.isascii() or not ec.isdigit() or len(ec) > 5:
             return None
@@ -255,9 +301,12 @@ def _status(job_dir: str, fields: list[str]) -> JobStatus | None:
             exit_code=int(ec),
             signal=None if sig == "-" else sig.removeprefix("SIG"),
             log_tail=log_tail,
+            run_seconds=run_s,
         )
     if alive == "1":
-        return JobStatus(job_dir=job_dir, state=JobState.RUNNING, log_tail=log_tail)
+        return JobStatus(
+            job_dir=job_dir, state=JobState.RUNNING, log_tail=log_tail, run_seconds=run_s
+        )
     if alive == "0":
         return JobStatus(
             job_dir=job_dir,
@@ -275,15 +324,19 @@ def parse_poll_output(stdout: str, job_dirs: Sequence[str]) -> dict[str, JobStat
     not read its absence as an exit or a loss.
     """
     result: dict[str, JobStatus] = {}
+    host_now: int | None = None
     for line in stdout.splitlines():
         fields = line.split(" ")
-        if len(fields) != 7 or fields[0] != _RECORD:
+        if len(fields) == 2 and fields[0] == _NOW:
+            host_now = _epoch(fields[1])
+            continue
+        if len(fields) != 8 or fields[0] != _RECORD:
             continue
         index = fields[1]
         if not index.isascii() or not index.isdigit() or int(index) >= len(job_dirs):
             continue
         job_dir = job_dirs[int(index)]
-        status = _status(job_dir, fields[2:])
+        status = _status(job_dir, fields[2:], host_now)
         if status is not None:
             result[job_dir] = status
     return result
@@ -292,8 +345,9 @@ def parse_poll_output(stdout: str, job_dirs: Sequence[str]) -> dict[str, JobStat
 def kill_script(job_dir: str, pgid: str, *, grace_s: float = 10.0) -> str:
     """Stop a job's whole process group: TERM, wait up to grace_s, then KILL.
 
-    It acts only when the job directory's pgid file (and boot id) still name this process
-    group, so a stale handle never hits an unrelated group. After a KILL the wrapper is dead
+    It acts only when the job has no exit file yet and the directory's pgid file (and boot
+    id) still name this process group, so a stale handle (a job that already ended, a pgid
+    reused since) never hits an unrelated group. After a KILL the wrapper is dead
     too, so the script records the exit status the wrapper could not.
     """
     check_text(job_dir, "job_dir")
@@ -303,6 +357,7 @@ def kill_script(job_dir: str, pgid: str, *, grace_s: float = 10.0) -> str:
     ticks = max(1, math.ceil(grace_s * 10))
     return f"""\
 {_GROUP_ALIVE}d={d}; pg={pgid}
+[ -f "$d/{EXIT_FILE}" ] && {{ echo MQIEXITED; exit 0; }}
 [ -f "$d/{PGID_FILE}" ] || exit 0
 [ "$(sed -n 1p "$d/{PGID_FILE}")" = "$pg" ] || exit 0
 b=$(sed -n 2p "$d/{PGID_FILE}"); boot=$({_BOOT_ID})

@@ -401,9 +401,12 @@ class LocalHost:
         log.info("host %s: job started in %s (pgid %s)", self.name, spec.job_dir, pgid)
         return JobHandle(job_dir=spec.job_dir, job_id=pgid)
 
-    async def attach_job(self, job_dir: str) -> JobHandle | None:
+    async def attach_job(self, job_dir: str, *, fence: bool = False) -> JobHandle | None:
         """The handle of a job launched earlier in job_dir (after a restart), or None."""
-        result = await self._script(jobs.attach_script(job_dir), timeout_s=SCRIPT_TIMEOUT_S)
+        result = await self._script(
+            jobs.attach_script(job_dir, fence=fence),
+            timeout_s=SCRIPT_TIMEOUT_S + jobs.LAUNCH_WAIT_S,
+        )
         pgid = jobs.parse_launch_output(result.stdout)
         return JobHandle(job_dir=job_dir, job_id=pgid) if pgid else None
 

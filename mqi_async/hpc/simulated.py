@@ -363,8 +363,8 @@ class SimulatedHost:
     async def spawn_job(self, spec: JobSpec) -> JobHandle:
         return await self.ssh_host.spawn_job(spec)
 
-    async def attach_job(self, job_dir: str) -> JobHandle | None:
-        return await self.ssh_host.attach_job(job_dir)
+    async def attach_job(self, job_dir: str, *, fence: bool = False) -> JobHandle | None:
+        return await self.ssh_host.attach_job(job_dir, fence=fence)
 
     async def poll_jobs(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
         return await self.ssh_host.poll_jobs(handles)

@@ -101,6 +101,7 @@ if ! mkdir CLAIM 2>/dev/null; then
   exit 0
 fi
 printf '%s\\n' "${SLURM_JOB_ID:-}" > CLAIM/job_id.tmp && mv -f CLAIM/job_id.tmp CLAIM/job_id
+date +%s > CLAIM/started
 trap 'mqi_term=1' TERM INT HUP
 ENV_EXPORTS
 mqi_child=
@@ -480,13 +481,25 @@ class SlurmHost:
             f"{res.stderr.strip()[-500:]}",
         )
 
-    async def attach_job(self, job_dir: str) -> JobHandle | None:
-        """The handle of a job submitted earlier for job_dir (after a restart), or None."""
+    async def attach_job(self, job_dir: str, *, fence: bool = False) -> JobHandle | None:
+        """The handle of a job submitted earlier for job_dir (after a restart), or None.
+
+        With `fence` and no recorded job id, the claim folder is made, so a job that sbatch
+        queued after all (its reply lost) does nothing when it starts.
+        """
         try:
             jobs.check_text(job_dir, "job_dir")
         except ValueError as exc:
             raise _spec_error(exc) from exc
-        script = f"d={jobs.quote_path(job_dir)}\n{_read_id_lines()}printf '{_SUBMITTED} %s\\n' \"$jid\"\n"
+        close = (
+            f'[ "$jid" = - ] && mkdir -p -- "$d" && mkdir "$d/{CLAIM_DIR}" 2>/dev/null\n'
+            if fence
+            else ""
+        )
+        script = (
+            f"d={jobs.quote_path(job_dir)}\n{_read_id_lines()}{close}"
+            f"printf '{_SUBMITTED} %s\\n' \"$jid\"\n"
+        )
         res = await self._script(script)
         job_id = _record(res.stdout, _SUBMITTED)
         return JobHandle(job_dir=job_dir, job_id=job_id) if job_id and job_id != "-" else None
@@ -494,7 +507,9 @@ class SlurmHost:
     def poll_script(self, handles: Sequence[JobHandle], *, with_queue: bool = True) -> str:
         """Exit file, recorded job id and log tail of every attempt, then one squeue for all.
 
-        Lines: `MQISLURM <index> <exit|-> <signal|-> <job id|-> <base64 log tail|->`, then
+        Lines: `MQINOW <epoch>`, then per attempt
+        `MQISLURM <index> <exit|-> <signal|-> <job id|-> <start epoch|-> <base64 log tail|->`
+        (start: when the batch script began on a node, so queue time never counts), then
         `MQISQUEUE <squeue's exit status>` and squeue's lines prefixed with `MQISQ `
         (without_queue, while the controller is known to be down, only the first part).
         """
@@ -507,6 +522,7 @@ class SlurmHost:
         id_lines = _read_id_lines().replace("\n", "\n  ")
         return f"""\
 ids=
+printf 'MQINOW %s\\n' "$(date +%s)"
 mqi_job() {{
   i=$1; d=$2
   ec=-; sig=-
@@ -516,8 +532,9 @@ mqi_job() {{
     case $sig in ''|*[!A-Z0-9+]*) sig=-;; esac
   fi
   {id_lines}[ "$jid" = - ] && jid=$3
+  st=$(sed -n 1p "$d/{CLAIM_DIR}/started" 2>/dev/null); case $st in ''|*[!0-9]*) st=-;; esac
   t=$(tail -c {jobs.LOG_TAIL_BYTES} "$d/{jobs.LOG_FILE}" 2>/dev/null | base64 | tr -d '\\n')
-  printf '{_RECORD} %s %s %s %s %s\\n' "$i" "$ec" "$sig" "$jid" "${{t:--}}"
+  printf '{_RECORD} %s %s %s %s %s %s\\n' "$i" "$ec" "$sig" "$jid" "$st" "${{t:--}}"
   if [ "$jid" != - ]; then ids="$ids,$jid"; fi
 }}
 {chr(10).join(calls)}
@@ -580,10 +597,14 @@ fi
         records: dict[int, list[str]] = {}
         queue_lines: list[str] = []
         queue_rc: int | None = None
+        host_now: int | None = None
         for line in res.stdout.splitlines():
-            if line.startswith(_RECORD + " "):
+            if line.startswith("MQINOW "):
+                value = line.split(" ", 1)[1].strip()
+                host_now = int(value) if value.isdigit() else None
+            elif line.startswith(_RECORD + " "):
                 fields = line.split(" ")
-                if len(fields) == 6 and fields[1].isdigit() and int(fields[1]) < len(part):
+                if len(fields) == 7 and fields[1].isdigit() and int(fields[1]) < len(part):
                     records[int(fields[1])] = fields[2:]
             elif line.startswith(_SQ_RC + " "):
                 value = line.split(" ", 1)[1].strip()
@@ -610,10 +631,12 @@ fi
             rec = records.get(i)
             if rec is None:
                 continue  # cut off: unknown this tick, never read as an exit
-            ec, sig, jid, tail = rec
+            ec, sig, jid, start, tail = rec
             if slurm.is_job_id(jid):
                 ids[h.job_dir] = jid
             code = int(ec) if ec.isdigit() and len(ec) <= 5 else None
+            started = int(start) if start.isdigit() and len(start) <= 12 else None
+            run_s = float(max(0, host_now - started)) if host_now and started else None
             observations[h.job_dir] = slurm.Observation(
                 job_dir=h.job_dir,
                 exit_code=code,
@@ -621,6 +644,7 @@ fi
                 log_tail=_decode_tail(tail),
                 queue_known=queue_ok and slurm.is_job_id(jid),
                 queue=rows.get(jid),
+                run_seconds=run_s,
             )
         return observations, ids, queue_ok
 

@@ -258,13 +258,18 @@ class SshHost:
         log.info("host %s: job started in %s (pgid %s)", self.name, spec.job_dir, pgid)
         return JobHandle(job_dir=spec.job_dir, job_id=pgid)
 
-    async def attach_job(self, job_dir: str) -> JobHandle | None:
+    async def attach_job(self, job_dir: str, *, fence: bool = False) -> JobHandle | None:
         """The handle of a job launched earlier in job_dir (after a restart), or None."""
         try:
-            script = jobs.attach_script(job_dir)
+            script = jobs.attach_script(job_dir, fence=fence)
         except ValueError as exc:
             raise _spec_error(exc) from exc
-        result = await self._script(script, timeout_s=SCRIPT_TIMEOUT_S)
+        result = await self._script(script, timeout_s=SCRIPT_TIMEOUT_S + jobs.LAUNCH_WAIT_S)
+        if fence and not result.ok:
+            raise TransientError(
+                "remote_command_failed",
+                f"host {self.name}: could not fence {job_dir}: {result.stderr.strip()[-300:]}",
+            )
         pgid = jobs.parse_launch_output(result.stdout)
         return JobHandle(job_dir=job_dir, job_id=pgid) if pgid else None
 

@@ -26,7 +26,9 @@ def _runner(tmp_path: Path) -> LocalToolRunner:
     script.write_text(_CONVERTER)
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     settings = ToolsSettings(raw_to_dicom=[sys.executable, str(script), "{input}", "{output_dir}"])
-    return LocalToolRunner(Tools(settings), settings, {"OutputFormat": "raw"}, DoseWorker(timeout_s=30))
+    return LocalToolRunner(
+        Tools(settings), settings, {"OutputFormat": "raw"}, DoseWorker(timeout_s=30)
+    )
 
 
 async def _convert(runner: LocalToolRunner, tmp_path: Path, name: str, target: Path) -> None:
