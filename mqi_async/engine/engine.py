@@ -12,7 +12,7 @@ from mqi_async.domain.errors import MqiError, format_error
 from mqi_async.domain.gpus import GpuSample
 from mqi_async.domain.jobs import JobHandle
 from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
-from mqi_async.domain.records import CommandStatus, NewCase
+from mqi_async.domain.records import CommandStatus, NewCase, RunRow
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings, CaseWorkflow
 from mqi_async.engine.pollers import GpuPoller, JobMonitor
@@ -209,6 +209,8 @@ class Engine:
     async def _recover(self) -> None:
         """Reconcile the store with reality before anything runs."""
         live = {b.beam_id for b in await self._store.list_beams_in(LEASE_HOLDERS | {B.PAUSED})}
+        # a cancelled beam whose kill is still pending keeps its GPUs until the kill lands
+        live |= {r.beam_id for r in await self._store.list_open_runs()}
         for lease in await self._store.list_leases():
             if lease.beam_id not in live:
                 log.info(
@@ -221,6 +223,9 @@ class Engine:
         for beam in await self._store.list_beams_in(LEASE_HOLDERS | {B.PAUSED}):
             if beam.host:
                 self.scheduler.adopt(beam.beam_id, beam.host, beam.gpu_uuids)
+        for lease in await self._store.list_leases():
+            if lease.beam_id in live:
+                self.scheduler.adopt(lease.beam_id, lease.host, (lease.uuid,))
         for case in await self._store.list_cases([C.PROCESSING]):
             # a crash between interpretation and queueing leaves beams pending; move them on
             for beam in await self._store.list_beams(case.case_id):
@@ -259,6 +264,7 @@ class Engine:
 
     async def _dispatch(self) -> None:
         await self._record_host_states()
+        await self._reap_pending_kills()
         now = self._clock.now()
         for case in await self._store.list_cases(DRIVEN_CASES):
             if case.case_id in self._cancelling:
@@ -355,34 +361,72 @@ class Engine:
         finally:
             self._cancelling.discard(case_id)
 
+    async def _stop_run(self, run: RunRow) -> bool:
+        """Make sure nothing of an open run goes on: kill its job, or fence a folder where a
+        launch may still start one. False when the host could not be reached (try again)."""
+        host = self._hosts.get(run.host)
+        if host is None:
+            return True  # a host no longer configured: nothing we can reach
+        if not host.is_available():
+            return False
+        try:
+            handle = (
+                JobHandle(job_dir=run.job_dir, job_id=run.job_id)
+                if run.job_id
+                else await host.attach_job(run.job_dir, fence=True)
+            )
+            if handle is not None:
+                await host.kill_job(handle)
+        except MqiError as exc:
+            log.warning(
+                "kill of %s on %s failed: %s; trying again", run.job_dir, run.host, exc,
+                extra={"beam_id": run.beam_id, "host": run.host},
+            )  # fmt: skip
+            return False
+        await self._store.finish_run(run.run_id, RunStatus.KILLED, error=format_error("cancelled"))
+        await self.scheduler.release(run.beam_id)
+        return True
+
+    async def _reap_pending_kills(self) -> None:
+        """Runs of finished beams still open: a kill that could not be delivered, sent again."""
+        for run in await self._store.list_open_runs():
+            beam = await self._store.get_beam(run.beam_id)
+            if beam is None or not beam.status.is_terminal:
+                continue
+            host = self._hosts.get(run.host)
+            if host is not None and host.is_available() and await self._stop_run(run):
+                await self._store.append_event(
+                    "kill_delivered",
+                    f"attempt {run.attempt} on {run.host} stopped after the host came back",
+                    case_id=beam.case_id,
+                    beam_id=run.beam_id,
+                )
+
     async def _cancel_beams(self, case_id: str) -> str:
         await self._stop_task(f"case:{case_id}")
-        killed = 0
+        killed = pending = 0
         for beam in await self._store.list_beams(case_id):
             if beam.status.is_terminal:
                 continue
             await self._stop_task(f"beam:{beam.beam_id}")
             runs = await self._store.list_runs(beam.beam_id)
             run = max(runs, key=lambda r: r.attempt) if runs else None
-            if (
-                run
-                and run.status in (RunStatus.LAUNCHING, RunStatus.RUNNING)
-                and run.job_id
-                and beam.host
-            ):
-                with contextlib.suppress(MqiError):
-                    await self._hosts[beam.host].kill_job(
-                        JobHandle(job_dir=run.job_dir, job_id=run.job_id)
-                    )
+            error = format_error("cancelled")
+            if run and not run.status.is_terminal:
+                if await self._stop_run(run):
                     killed += 1
-                await self._store.finish_run(
-                    run.run_id, RunStatus.KILLED, error=format_error("cancelled")
-                )
-            await self.scheduler.release(beam.beam_id)
+                else:
+                    # the lease stays until the kill lands; the reaper sends it again
+                    pending += 1
+                    error = format_error(
+                        "cancelled", f"{format_error('kill_pending')} (host {run.host})"
+                    )
+            else:
+                await self.scheduler.release(beam.beam_id)
             await self._store.transition_beam(
                 beam.beam_id,
                 B.CANCELLED,
-                changes={"error": format_error("cancelled")},
+                changes={"error": error},
                 message="cancelled by operator",
             )
         await self._store.transition_case(
@@ -391,7 +435,8 @@ class Engine:
             changes={"error": format_error("cancelled")},
             message="cancelled by operator",
         )
-        return f"cancelled {case_id} ({killed} running job(s) killed)"
+        later = f", {pending} kill(s) pending until the host is back" if pending else ""
+        return f"cancelled {case_id} ({killed} running job(s) stopped{later})"
 
     async def _retry(self, case_id: str) -> str:
         case = await self._store.get_case(case_id)
