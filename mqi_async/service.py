@@ -180,6 +180,8 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
                 room=case.room,
                 safe_name=case.safe_name,
                 new_ptn=new_ptn,
+                study_case_id=case.study_case_id,
+                study_safe_name=case.study_safe_name,
             )
 
         watcher = CaseWatcher(settings.scan_directory, settings.ingest, on_case)

@@ -12,7 +12,7 @@ from mqi_async.domain.errors import MqiError, format_error
 from mqi_async.domain.gpus import GpuSample
 from mqi_async.domain.jobs import JobHandle
 from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
-from mqi_async.domain.records import CommandStatus, NewCase, RunRow
+from mqi_async.domain.records import BeamRow, CommandStatus, NewCase, RunRow
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings, CaseWorkflow
 from mqi_async.engine.pollers import GpuPoller, JobMonitor
@@ -62,10 +62,14 @@ class Engine:
         self._s = settings
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: beam task key -> its case id, so a case's running beams are found by id, not prefix
+        self._beam_task_case: dict[str, str] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._aggregate_locks: dict[str, asyncio.Lock] = {}
         #: cases being cancelled; dispatch leaves them alone meanwhile
         self._cancelling: set[str] = set()
+        #: (case id, other folder) pairs already reported as duplicates
+        self._duplicates: set[tuple[str, str]] = set()
         self.host_errors: dict[str, str | None] = dict.fromkeys(hosts)
         #: what the store last heard about each host, so only changes are written
         self._host_states: dict[str, tuple[str, str | None]] = {}
@@ -167,6 +171,12 @@ class Engine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 
+    def _spawn_beam(self, beam: BeamRow) -> None:
+        key = f"beam:{beam.beam_id}"
+        self._spawn(key, self.beams.run(beam.beam_id))
+        if key in self._tasks:
+            self._beam_task_case[key] = beam.case_id
+
     def _spawn(self, key: str, coro: Awaitable[None]) -> None:
         if self._tg is None or key in self._tasks:
             if asyncio.iscoroutine(coro):
@@ -185,6 +195,7 @@ class Engine:
             await self._fail_unexpected(key, exc)
         finally:
             self._tasks.pop(key, None)
+            self._beam_task_case.pop(key, None)
             self.wake()
 
     async def _fail_unexpected(self, key: str, exc: Exception) -> None:
@@ -270,7 +281,7 @@ class Engine:
             if case.case_id in self._cancelling:
                 continue
             if case.status == C.PROCESSING:
-                if not any(k.startswith(f"beam:{case.case_id}_beam_") for k in self._tasks):
+                if case.case_id not in self._beam_task_case.values():
                     await self._on_beam_terminal(case.case_id)
                 continue
             if case.status == C.WAITING and case.recheck_at and case.recheck_at > now:
@@ -293,7 +304,7 @@ class Engine:
                         changes={"resume_status": None, "error": None},
                         message=f"resumed on {host.name}",
                     )
-                    self._spawn(f"beam:{beam.beam_id}", self.beams.run(beam.beam_id))
+                    self._spawn_beam(beam)
                 continue
             if (
                 host is not None
@@ -313,7 +324,7 @@ class Engine:
                         message=f"paused: host {host.name} unavailable",
                     )
                 continue
-            self._spawn(f"beam:{beam.beam_id}", self.beams.run(beam.beam_id))
+            self._spawn_beam(beam)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -475,13 +486,49 @@ class Engine:
 
     # -- intake -------------------------------------------------------------------------
 
+    async def _duplicate_folder(self, case_id: str, registered: str, other: str) -> None:
+        if (case_id, other) in self._duplicates:
+            return
+        self._duplicates.add((case_id, other))
+        message = (
+            f"folder {other} has the id of case {case_id} (registered from {registered}); "
+            "it is not processed: rename it or remove the copy"
+        )
+        log.warning("%s", message, extra={"case_id": case_id, "code": "duplicate_case_folder"})
+        await self._store.append_event("duplicate_case_folder", message, case_id=case_id)
+
     async def register_case(
-        self, *, case_id: str, case_path: str, room: str, safe_name: str, new_ptn: bool = False
+        self,
+        *,
+        case_id: str,
+        case_path: str,
+        room: str,
+        safe_name: str,
+        new_ptn: bool = False,
+        study_case_id: str | None = None,
+        study_safe_name: str | None = None,
     ) -> None:
-        """A ready case folder was seen; register it once, or recheck a waiting one."""
+        """A ready case folder was seen; register it once, or recheck a waiting one.
+
+        A patient's further study (nested layout) becomes a case of its own under
+        `study_case_id`; a folder that would reuse a registered case's id for another path is
+        a duplicate, logged and recorded as an event once.
+        """
         case, created = await self._store.register_case(
             NewCase(case_id=case_id, case_path=case_path, room=room or None, safe_name=safe_name)
         )
+        if not created and case.case_path != case_path:
+            if study_case_id and study_safe_name:
+                await self.register_case(
+                    case_id=study_case_id,
+                    case_path=case_path,
+                    room=room,
+                    safe_name=study_safe_name,
+                    new_ptn=new_ptn,
+                )
+            else:
+                await self._duplicate_folder(case.case_id, case.case_path, case_path)
+            return
         if created:
             log.info("registered case %s", case_id, extra={"case_id": case_id})
         elif case.status == C.WAITING:

@@ -84,6 +84,8 @@ class CaseIdentity:
     is_nested: bool
     #: the `_CASE_READY` file that makes the case ready; None while it is missing
     marker_path: str | None
+    #: nested layout: the id of this study when the patient has another one registered
+    study_case_id: str | None = None
 
     @property
     def is_ready(self) -> bool:
@@ -113,6 +115,7 @@ def case_identity(
             room=room,
             is_nested=True,
             marker_path=str(parent / marker),
+            study_case_id=study_case_id(parent.name, case.name),
         )
     return CaseIdentity(
         case_id=case.name,
@@ -121,6 +124,15 @@ def case_identity(
         is_nested=False,
         marker_path=str(case / marker) if case_has_marker else None,
     )
+
+
+def study_case_id(patient: str, study: str) -> str:
+    """The case id of a patient's further study: `<patient>/<study>`.
+
+    The first study registered keeps the patient folder's name (the contract's case id); a
+    `/` cannot occur in a folder name, so this id never collides with any other case's.
+    """
+    return f"{patient}/{study}"
 
 
 def _can_be_patient_dir(scan_dir: str | PurePath, directory: PurePath) -> bool:

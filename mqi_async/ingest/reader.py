@@ -34,6 +34,9 @@ class FoundCase:
     case_path: str
     room: str
     safe_name: str
+    #: nested layout: the id this study takes when its patient already has another study
+    study_case_id: str | None = None
+    study_safe_name: str | None = None
 
 
 def _listing(path: str) -> tuple[list[str], list[str]]:
@@ -86,6 +89,8 @@ def check_case_dir(scan_dir: str, path: str, marker: str) -> FoundCase | None:
         case_path=identity.case_path,
         room=identity.room,
         safe_name=safe_name(identity.case_id),
+        study_case_id=identity.study_case_id,
+        study_safe_name=safe_name(identity.study_case_id) if identity.study_case_id else None,
     )
 
 

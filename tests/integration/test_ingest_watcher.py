@@ -158,8 +158,14 @@ async def test_case_copied_file_by_file_is_taken_only_after_its_marker(tmp_path:
         case_id="FLAT01", case_path=str(flat_case_dir), room="G2", safe_name="FLAT01"
     )
     # nested: the case is the patient, the case path the study folder
+    study = nested_case_dir.name
     assert by_path[str(nested_case_dir)] == FoundCase(
-        case_id="NEST01", case_path=str(nested_case_dir), room="G1", safe_name="NEST01"
+        case_id="NEST01",
+        case_path=str(nested_case_dir),
+        room="G1",
+        safe_name="NEST01",
+        study_case_id=f"NEST01/{study}",
+        study_safe_name=safe_name(f"NEST01/{study}"),
     )
 
 
