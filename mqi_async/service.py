@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -73,6 +75,19 @@ def build_hosts(settings: Settings, work_root: Path) -> dict[str, Host]:
     return hosts
 
 
+def service_owner(database: Path) -> str:
+    """This installation's identity on hosts: a hash of the machine and the database path,
+    then, for people, the host name and database it stands for."""
+    try:
+        machine = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        machine = ""
+    node = socket.gethostname()
+    where = os.path.realpath(database)
+    digest = hashlib.sha256(f"{machine or node}\0{where}".encode()).hexdigest()[:16]
+    return f"{digest} {node}:{where}".replace("\n", " ")
+
+
 def engine_settings(settings: Settings, hosts: dict[str, Host]) -> EngineSettings:
     stale_s = settings.gpu.poll_seconds * settings.gpu.stale_after_polls
     policies = {
@@ -97,6 +112,7 @@ def engine_settings(settings: Settings, hosts: dict[str, Host]) -> EngineSetting
             backoff_max_s=settings.retry.backoff_max_seconds,
             step_timeout_s=max(600.0, settings.runs.timeout_seconds),
             work_directory=settings.work_directory,
+            service_owner=service_owner(settings.database),
         ),
         cases=CaseSettings(
             work_directory=settings.work_directory,

@@ -188,7 +188,9 @@ FAILURES: dict[str, FailureInfo] = {
         _H, "The database cannot be written (disk full or read-only); free space, it resumes."
     ),
     "case_claimed_elsewhere": FailureInfo(
-        _H, "Another mqi-async service runs this case on this host; stop one of the two services."
+        _P,
+        "Another mqi-async service (named in the error) runs this case on this host; run one "
+        "service per scan folder, or delete its claim file if that service is gone, then retry.",
     ),
     "kill_pending": FailureInfo(
         _H, "A kill could not reach the host; it is sent again when the host is back."

@@ -113,7 +113,7 @@ class Engine:
             tools=tools,
             clock=clock,
             settings=settings.workflow,
-            uploads=InputUploads(),
+            uploads=InputUploads(settings.workflow.service_owner),
             on_terminal=self._on_beam_terminal,
         )
         self.ready = asyncio.Event()

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from mqi_async.domain.claims import CLAIMS_DIR, claim_argv, claim_key, parse_owner, same_owner
 from mqi_async.domain.errors import (
     FailureKind,
     HostUnavailableError,
@@ -31,6 +32,9 @@ from mqi_async.engine.ports import Clock, Host, LocalTools, Store
 from mqi_async.engine.scheduler import GpuScheduler
 
 log = logging.getLogger(__name__)
+
+#: seconds the host may take to answer a case claim
+CLAIM_TIMEOUT_S = 30.0
 
 B = BeamStatus
 
@@ -66,14 +70,38 @@ class WorkflowSettings:
     backoff_max_s: float
     step_timeout_s: float
     work_directory: Path
+    #: `<service id> <who>`: claims cases on hosts (see domain/claims.py); "" claims nothing
+    service_owner: str = ""
 
 
 class InputUploads:
-    """Case inputs go to a host once; concurrent beams of a case share one upload."""
+    """Case inputs go to a host once; concurrent beams of a case share one upload.
 
-    def __init__(self) -> None:
+    The first upload of a case to a host claims the case there for this service (`owner`),
+    so a second service with its own database never runs it too.
+    """
+
+    def __init__(self, owner: str = "") -> None:
+        self._owner = owner
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._done: set[tuple[str, str]] = set()
+
+    async def _claim(self, host: Host, case: CaseRow) -> None:
+        argv = claim_argv(host.remote_root, claim_key(case.case_path), self._owner)
+        result = await host.run(argv, timeout_s=CLAIM_TIMEOUT_S)
+        on_file = parse_owner(result.stdout)
+        if on_file is None:
+            raise TransientError(
+                "remote_command_failed",
+                f"host {host.name}: the case claim gave no answer (exit {result.exit_status}): "
+                f"{result.stderr.strip()[-300:]}",
+            )
+        if not same_owner(on_file, self._owner):
+            raise PermanentError(
+                "case_claimed_elsewhere",
+                f"host {host.name} runs this case for another service ({on_file}); "
+                f"claim file {CLAIMS_DIR}/{claim_key(case.case_path)} under {host.remote_root}",
+            )
 
     async def ensure(self, host: Host, case: CaseRow, local: Path, remote: str) -> None:
         key = (host.name, case.case_id)
@@ -81,6 +109,8 @@ class InputUploads:
         async with lock:
             if key in self._done:
                 return
+            if self._owner:
+                await self._claim(host, case)
             report = await host.put_tree(local, remote)
             log.info(
                 "inputs of %s on %s: %d sent, %d already there",
