@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -126,13 +127,19 @@ class Tools:
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
     ) -> ToolResult:
-        """Run one tool; stdout and stderr go to `log_path`; the group is killed on timeout or cancel."""
+        """Run one tool; stdout and stderr go to `log_path`; the group is killed on timeout or cancel.
+
+        Its process group is recorded beside the log (`<log>.pid`): a run left behind by a
+        killed service is stopped before the same tool runs again for the same output.
+        """
         exe = _resolve_executable(argv[0])
         if exe is None:
             raise PermanentError(
                 "tool_missing", f"{argv[0]!r} is not an executable file or on PATH"
             )
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        pid_file = log_path.with_suffix(".pid")
+        await asyncio.to_thread(kill_recorded_group, pid_file)
         started = asyncio.get_running_loop().time()
         async with self._slots:
             with log_path.open("ab") as log:
@@ -149,6 +156,7 @@ class Tools:
                     env={**os.environ, **(env or {})},
                     start_new_session=True,  # its own process group, so kill reaches children
                 )
+                await asyncio.to_thread(record_group, pid_file, proc.pid)
                 timed_out = False
                 try:
                     async with asyncio.timeout(timeout_s):
@@ -159,6 +167,8 @@ class Tools:
                 except asyncio.CancelledError:
                     await asyncio.shield(_kill_group(proc))
                     raise
+                finally:
+                    pid_file.unlink(missing_ok=True)
         return ToolResult(
             argv=tuple(argv),
             exit_code=proc.returncode,
@@ -256,7 +266,9 @@ class LocalToolRunner:
         argv = fill_placeholders(
             self._tools.interpreter_argv(), {"case_dir": str(case_path), "csv_dir": str(csv_dir)}
         )
-        csv_dir.mkdir(parents=True, exist_ok=True)
+        # a run left by a killed service must stop before its folder is cleared and refilled
+        await asyncio.to_thread(kill_recorded_group, log_path.with_suffix(".pid"))
+        await asyncio.to_thread(_fresh_dir, csv_dir)
         result = await self._tools.run(
             argv, log_path=log_path, timeout_s=self._s.interpreter_timeout_seconds, cwd=csv_dir
         )
@@ -341,6 +353,55 @@ class LocalToolRunner:
             argv, log_path=log_path, timeout_s=self._s.postprocess_timeout_seconds
         )
         return result.ok
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def record_group(pid_file: Path, pid: int) -> None:
+    """Write `<pid>\n<start ticks>\n<boot id>`: enough to know the group later, never a reused pid."""
+    tmp = pid_file.with_name(pid_file.name + ".tmp")
+    tmp.write_text(f"{pid}\n{_start_ticks(pid) or ''}\n{_boot_id()}\n")
+    tmp.replace(pid_file)
+
+
+def kill_recorded_group(pid_file: Path) -> bool:
+    """Kill the process group recorded in `pid_file` if that very process still runs.
+
+    True when an orphan was found and killed. The start time and boot id must match, so a
+    pid reused by another program is never signalled.
+    """
+    try:
+        pid_text, ticks, boot = (pid_file.read_text().splitlines() + ["", "", ""])[:3]
+    except OSError:
+        return False
+    killed = False
+    if pid_text.isdigit() and int(pid_text) > 1 and ticks and boot == _boot_id():
+        pid = int(pid_text)
+        if _start_ticks(pid) == ticks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+                killed = True
+            for _ in range(100):  # wait (bounded) until it is really gone
+                if _start_ticks(pid) != ticks:
+                    break
+                time.sleep(0.02)
+    pid_file.unlink(missing_ok=True)
+    return killed
 
 
 def _fresh_dir(path: Path) -> None:

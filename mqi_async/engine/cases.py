@@ -144,9 +144,7 @@ class CaseWorkflow:
         failures = 0
         while True:
             try:
-                if dirs.csv.exists():
-                    # a fresh output dir per try, so a half-written tree is never used
-                    await asyncio.to_thread(shutil.rmtree, dirs.csv)
+                # the tool starts each try in a fresh output dir, after stopping any leftover run
                 await self._tools.interpret(
                     case_path=Path(case.case_path),
                     csv_dir=dirs.csv,

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from mqi_async.domain.errors import MqiError, format_error
+from mqi_async.domain.errors import DatabaseError, MqiError, format_error
 from mqi_async.domain.gpus import GpuSample
 from mqi_async.domain.jobs import JobHandle
 from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
@@ -21,6 +21,9 @@ from mqi_async.engine.scheduler import GpuScheduler
 from mqi_async.engine.workflow import BeamWorkflow, InputUploads, WorkflowSettings
 
 log = logging.getLogger(__name__)
+
+#: the store's code for a write the file system refused
+UNWRITABLE = "database_unwritable"
 
 B = BeamStatus
 C = CaseStatus
@@ -70,6 +73,8 @@ class Engine:
         self._cancelling: set[str] = set()
         #: (case id, other folder) pairs already reported as duplicates
         self._duplicates: set[tuple[str, str]] = set()
+        #: set while the database refuses writes (disk full, read-only): nothing new starts
+        self.database_error: str | None = None
         self.host_errors: dict[str, str | None] = dict.fromkeys(hosts)
         #: what the store last heard about each host, so only changes are written
         self._host_states: dict[str, tuple[str, str | None]] = {}
@@ -164,10 +169,16 @@ class Engine:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception(
-                    "%s crashed; restarting in %.0f s", name, delay, extra={"component": name}
-                )
+            except Exception as exc:
+                if isinstance(exc, DatabaseError) and exc.code == UNWRITABLE:
+                    self._database_unwritable(exc)
+                    log.warning(
+                        "%s stopped: database_unwritable; restarting in %.0f s", name, delay
+                    )
+                else:
+                    log.exception(
+                        "%s crashed; restarting in %.0f s", name, delay, extra={"component": name}
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 
@@ -185,14 +196,26 @@ class Engine:
         task = self._tg.create_task(self._guard(key, coro))
         self._tasks[key] = task
 
+    def _database_unwritable(self, exc: MqiError) -> None:
+        if self.database_error is None:
+            log.error(
+                "%s; no new work starts until the database can be written again", exc,
+                extra={"code": exc.code},
+            )  # fmt: skip
+        self.database_error = str(exc)
+
     async def _guard(self, key: str, coro: Awaitable[None]) -> None:
         try:
             await coro
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("%s crashed", key)
-            await self._fail_unexpected(key, exc)
+            if isinstance(exc, DatabaseError) and exc.code == UNWRITABLE:
+                # the row still says where the workflow was: it resumes from there once writes work
+                self._database_unwritable(exc)
+            else:
+                log.exception("%s crashed", key)
+                await self._fail_unexpected(key, exc)
         finally:
             self._tasks.pop(key, None)
             self._beam_task_case.pop(key, None)
@@ -252,10 +275,30 @@ class Engine:
     async def _dispatch_loop(self) -> None:
         while True:
             self._wake.clear()
-            await self._dispatch()
+            try:
+                if self.database_error is None or await self._database_writable():
+                    await self._dispatch()
+            except DatabaseError as exc:
+                if exc.code != UNWRITABLE:
+                    raise
+                self._database_unwritable(exc)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._s.dispatch_interval_s):
                     await self._wake.wait()
+
+    async def _database_writable(self) -> bool:
+        """Probe with a real write (an event) whether the database takes writes again."""
+        try:
+            await self._store.append_event(
+                "database_writable", f"writes work again after: {self.database_error}"
+            )
+        except DatabaseError as exc:
+            if exc.code != UNWRITABLE:
+                raise
+            return False
+        log.info("database writable again; resuming")
+        self.database_error = None
+        return True
 
     def host_state(self, name: str) -> tuple[str, str | None]:
         """("connected" | "paused" | "connecting", error) of one host."""

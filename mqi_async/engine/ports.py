@@ -253,7 +253,9 @@ class Store(Protocol):
 class LocalTools(Protocol):
     """Local CPU tools; each raises a named MqiError when it fails."""
 
-    async def interpret(self, *, case_path: Path, csv_dir: Path, log_path: Path) -> None: ...
+    async def interpret(self, *, case_path: Path, csv_dir: Path, log_path: Path) -> None:
+        """Write the case's fluence CSVs into a fresh `csv_dir` (any earlier content is gone)."""
+        ...
 
     async def make_rt_dose(
         self,

@@ -51,7 +51,7 @@ from mqi_async.store.hosts import HostRow, Hosts
 from mqi_async.store.leases import Leases
 from mqi_async.store.runs import Runs
 from mqi_async.store.schema import migrate
-from mqi_async.store.session import Session, is_corruption
+from mqi_async.store.session import Session, is_corruption, is_unwritable, unwritable_error
 from mqi_async.store.snapshot import (
     CaseSnapshot,
     DashboardCounts,
@@ -346,6 +346,11 @@ class Store:
                     if write:
                         await conn.commit()
                         committed = True
+                except sqlite3.Error as exc:
+                    # a full or read-only disk is the service's trouble, not the case's
+                    if write and is_unwritable(exc):
+                        raise unwritable_error(str(self._path), exc) from exc
+                    raise
                 finally:
                     if not committed:
                         # shielded so a second cancel cannot skip it; the connection's thread
@@ -360,6 +365,8 @@ class Store:
         except sqlite3.Error as exc:
             if is_corruption(exc):
                 raise database_error(self._path, exc) from exc
+            if write and is_unwritable(exc):
+                raise unwritable_error(str(self._path), exc) from exc
             raise
 
     # -- cases -----------------------------------------------------------------------------

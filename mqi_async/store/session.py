@@ -13,6 +13,8 @@ from mqi_async.store.columns import SqlValue, encode_time
 
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
+#: a write that the file system refuses: read-only, I/O error, full, cannot open the journal
+_SQLITE_UNWRITABLE = (8, 10, 13, 14)
 
 
 def damaged_error(path: str, exc: BaseException | str) -> DatabaseError:
@@ -26,6 +28,18 @@ def is_corruption(exc: sqlite3.Error) -> bool:
     """True when SQLite says the file itself is broken (not a lock, constraint or SQL error)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(code, int) and (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def is_unwritable(exc: sqlite3.Error) -> bool:
+    """True when a write failed because of the file system (full, read-only, I/O), not the SQL."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in _SQLITE_UNWRITABLE
+
+
+def unwritable_error(path: str, exc: sqlite3.Error) -> DatabaseError:
+    return DatabaseError(
+        "database_unwritable", f"{path}: {exc}; the service waits and resumes when writes work"
+    )
 
 
 class Session:
