@@ -116,13 +116,16 @@ def _status_table(cases: list[dict[str, Any]]) -> str:
 
 
 async def _status(settings: Settings, as_json: bool) -> int:
-    from mqi_async.store.db import read_status_document
+    from mqi_async.store.db import database_health, read_status_document
 
     doc = await read_status_document(settings.database)
     if as_json:
         # the contract's document is exactly {"cases": [...]}; host states show in the table
         print(json.dumps({"cases": doc["cases"]}, ensure_ascii=False))
         return EXIT_OK
+    health = await asyncio.to_thread(database_health, settings.database)
+    if health:
+        print(f"database {settings.database}: {health}")
     for host in doc["hosts"]:  # type: ignore[attr-defined]
         line = f"host {host['name']}: {host['state']}"
         print(line + (f" ({host['error']})" if host["error"] else ""))

@@ -15,7 +15,7 @@ from typing import Self
 
 import aiosqlite
 
-from mqi_async.domain.errors import DatabaseError
+from mqi_async.domain.errors import DatabaseError, format_error
 from mqi_async.domain.gpus import GpuSample
 from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
 from mqi_async.domain.records import (
@@ -622,6 +622,34 @@ async def read_status_document(path: str | os.PathLike[str]) -> dict[str, object
             cases = await tx.snapshot()
             hosts = await tx.hosts.find()
     return {"cases": [c.as_dict() for c in cases], "hosts": [h.as_dict() for h in hosts]}
+
+
+#: below this much free space next to the database, `status` says writes will fail
+LOW_SPACE_BYTES = 4 * 1024 * 1024
+
+
+def database_health(path: str | os.PathLike[str]) -> str | None:
+    """Why the service cannot write its database now (full or read-only file system), or None.
+
+    Judged by `status` itself from the file system, since a service that cannot write cannot
+    record that it cannot.
+    """
+    db_path = absolute(path)
+    folder = db_path.parent
+    try:
+        fs = os.statvfs(folder)
+    except OSError as exc:
+        return format_error("database_unwritable", f"{folder}: {exc.strerror}")
+    if fs.f_flag & os.ST_RDONLY:
+        return format_error("database_unwritable", f"{folder} is on a read-only file system")
+    free = fs.f_bavail * fs.f_frsize
+    if free < LOW_SPACE_BYTES:
+        return format_error(
+            "database_unwritable", f"{folder} has {free // 1024} KiB free; free some space"
+        )
+    if db_path.exists() and not os.access(db_path, os.W_OK):
+        return format_error("database_unwritable", f"{db_path} is not writable for this user")
+    return None
 
 
 async def read_status_snapshot(path: str | os.PathLike[str]) -> list[CaseSnapshot]:
