@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: install run demo test test-fast lint format bench check clean
+.PHONY: install run demo test test-fast lint format bench soak check clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ format: install
 
 bench: install
 	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider -o addopts="" --timeout=1800
+
+# 200 cases / 800 beams, random MOQUI failures, SIGKILLs and a host outage (tens of minutes)
+soak: install
+	@test -x /usr/sbin/sshd || { echo "make soak needs OpenSSH's sshd: apt-get install openssh-server" >&2; exit 2; }
+	$(BIN)/python -m pytest tests/soak -s -p no:cacheprovider -o addopts="" --timeout=3600
 
 check: lint test
 

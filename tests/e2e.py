@@ -101,6 +101,7 @@ def make_rig(
     gpus: int = 2,
     run_seconds: float = 0.5,
     overrides: Mapping[str, Any] | None = None,
+    sim_env: Mapping[str, str] | None = None,
 ) -> Rig:
     """Write a config whose one host is the test sshd running the bundled simulators."""
     root.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,7 @@ def make_rig(
         f"MQI_SIM_GPUS={gpus}",
         f"MQI_SIM_RUN_SECONDS={run_seconds}",
         "MQI_SIM_GPU_MEMORY_MB=24576",
+        *(f"{k}={v}" for k, v in (sim_env or {}).items()),
     ]
     config: dict[str, Any] = {
         "scan_directory": "incoming",
