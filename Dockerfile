@@ -12,14 +12,16 @@ FROM ${BASE} AS build
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_TRUSTED_HOST
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python3 -m venv /opt/mqi
-COPY pyproject.toml README.md /src/
+# build/pip-ca.pem: this machine's CA bundle when its pip uses one (PIP_CERT), written by
+# deploy/build-image.sh; it stays in this stage, never in the image. Absent: the base's CAs.
+COPY pyproject.toml README.md build/pip-ca.pe[m] /src/
 COPY mqi_async /src/mqi_async
-RUN /opt/mqi/bin/pip install /src \
+RUN if [ -s /src/pip-ca.pem ]; then export PIP_CERT=/src/pip-ca.pem; fi \
+ && /opt/mqi/bin/pip install /src \
  && /opt/mqi/bin/pip uninstall --yes pip setuptools \
- && find /opt/mqi -depth -type d \( -name tests -path '*/numpy/*' \) -exec rm -rf {} + \
- && /opt/mqi/bin/python -m compileall -q /opt/mqi/lib >/dev/null || true
+ && find /opt/mqi -depth -type d -name tests -path '*/numpy/*' -exec rm -rf {} +
 
 FROM ${BASE}
 RUN if ! command -v tini >/dev/null 2>&1; then \

@@ -18,7 +18,8 @@
 # pip inside the build uses the same index as pip on this machine: PIP_INDEX_URL,
 # PIP_EXTRA_INDEX_URL and PIP_TRUSTED_HOST (environment first, else `pip config`) are passed as
 # build args; file:// locations are left out (they do not exist inside the build). The build uses
-# the host's network (`--network host`) so that it reaches the same hosts as this machine.
+# the host's network (`--network host`) so that it reaches the same hosts as this machine, and
+# pip's CA bundle (PIP_CERT / `pip config get global.cert`) goes into the build stage only.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -56,7 +57,9 @@ debian_mirror() {
     fi
     local uri
     uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
-        | grep -oE 'https?://[^ ]+/debian/?' | grep -v -- '-security' | head -n1 || true)
+        | grep -E '^[[:space:]]*(URIs:|deb )' | grep -oE 'https?://[^ ]+/debian/?' \
+        | grep -v -- '-security' | head -n1 || true)
+    uri=${uri%/}
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
@@ -70,7 +73,10 @@ make_debian_base() {
     log "making $LOCAL_BASE from Debian $DEBIAN_SUITE packages ($mirror)"
     # minbase + Python 3 with venv, CA certificates and tini (PID 1 that forwards SIGTERM and reaps);
     # no docs, man pages, locales or apt lists
-    nice -n 10 mmdebstrap --variant=minbase --mode=root \
+    local hooks=()
+    # merged /usr made by mmdebstrap's hook rather than the usrmerge package (which pulls in perl)
+    [[ -d /usr/share/mmdebstrap/hooks/merged-usr ]] && hooks=(--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr)
+    nice -n 10 mmdebstrap --variant=minbase --mode=root "${hooks[@]}" \
         --include=python3,python3-venv,ca-certificates,tini \
         --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/doc/*' \
@@ -126,6 +132,18 @@ for pair in PIP_INDEX_URL:global.index-url PIP_EXTRA_INDEX_URL:global.extra-inde
         log "pip: $name passed to the build"
     fi
 done
+
+# pip's CA bundle (e.g. a TLS-inspecting proxy's CA): copied into the build stage only
+cert=${PIP_CERT:-}
+if [[ -z "$cert" ]] && command -v python3 >/dev/null 2>&1; then
+    cert=$(python3 -m pip config get global.cert 2>/dev/null || true)
+fi
+rm -f build/pip-ca.pem
+if [[ -n "$cert" && -s "$cert" ]]; then
+    mkdir -p build
+    cp "$cert" build/pip-ca.pem
+    log "pip: CA bundle $cert passed to the build stage"
+fi
 
 latest=${IMAGE%:*}:latest
 log "building $IMAGE with $ENGINE (log: $BUILD_LOG)"
