@@ -13,8 +13,9 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,17 @@ from mqi_async.demo.runner import DemoOptions, feed_cases
 asyncio.run(feed_cases(Path("/data/incoming"), DemoOptions(
     workdir=None, cases={CASES}, beams={BEAMS}, gpus=4, headless=True, exit_when_done=False,
     arrival_gap_s=0.5)))
+"""
+
+# one more case, fed after the demo cases, to stop the container while its beams run
+LATE = "LATE0001"
+FEED_LATE = f"""
+from datetime import datetime, timedelta
+from pathlib import Path
+from mqi_async.demo.cases import CaseSpec, write_case
+write_case(Path("/data/incoming"), CaseSpec(
+    case_id="{LATE}", beams={BEAMS}, layers_per_beam=2, nested=False, seed=99,
+    first_delivery_at=(datetime.now() - timedelta(hours=2)).replace(microsecond=0)))
 """
 
 
@@ -81,10 +93,43 @@ def volume(engine: str) -> Iterator[str]:
         _sh(engine, "volume", "rm", "-f", name, check=False)
 
 
-def _status(engine: str, container: str) -> list[dict[str, object]]:
+def _status(engine: str, container: str) -> list[dict[str, Any]]:
     out = _sh(engine, "exec", container, "mqi-async", "status", "--json", "-c", CONFIG).stdout
-    cases: list[dict[str, object]] = json.loads(out)["cases"]
+    cases: list[dict[str, Any]] = json.loads(out)["cases"]
     return cases
+
+
+def _wait_cases(
+    engine: str,
+    container: str,
+    count: int,
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 300,
+) -> list[dict[str, Any]]:
+    """Poll `status --json` inside the container until `done(cases)` (and `count` cases)."""
+    deadline = time.monotonic() + timeout
+    cases: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        cases = _status(engine, container)
+        if len(cases) == count and done(cases):
+            return cases
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for the cases: {json.dumps(cases)[:3000]}")
+
+
+def _stop(engine: str, container: str) -> float:
+    """`docker stop` (SIGTERM, then SIGKILL after GRACE_S); asserts exit 0 within the grace."""
+    started = time.monotonic()
+    _sh(engine, "stop", "--time", str(GRACE_S), container, timeout=GRACE_S + 30)
+    stopped_in = time.monotonic() - started
+    state = json.loads(_sh(engine, "inspect", "-f", "{{json .State}}", container).stdout)
+    assert state["ExitCode"] == 0, state
+    assert stopped_in < GRACE_S, f"took {stopped_in:.1f} s: SIGKILLed after the grace period"
+    return stopped_in
+
+
+def _all_terminal(cases: list[dict[str, Any]]) -> bool:
+    return all(c["status"] in TERMINAL for c in cases)
 
 
 def test_container_runs_demo_cases_stops_on_sigterm_and_keeps_the_database(
@@ -116,14 +161,7 @@ def test_container_runs_demo_cases_stops_on_sigterm_and_keeps_the_database(
         _sh(engine, "exec", container, "test", "-r", "/home/mqi/.ssh/known_hosts")
 
         _sh(engine, "exec", container, "python", "-c", FEED)
-        deadline = time.monotonic() + 300
-        cases: list[dict[str, object]] = []
-        while time.monotonic() < deadline:
-            cases = _status(engine, container)
-            if len(cases) == CASES and all(c["status"] in TERMINAL for c in cases):
-                break
-            time.sleep(2)
-        assert len(cases) == CASES, cases
+        cases = _wait_cases(engine, container, CASES, _all_terminal)
         assert all(c["status"] == "completed" for c in cases), cases
         for case in cases:
             beams = case["beams"]
@@ -132,25 +170,34 @@ def test_container_runs_demo_cases_stops_on_sigterm_and_keeps_the_database(
                 assert beam["status"] == "completed" and beam["outputs"], beam
 
         if engine == "docker":
-            while time.monotonic() < deadline:
+            deadline = time.monotonic() + 60
+            health = "starting"
+            while time.monotonic() < deadline and health == "starting":
+                time.sleep(1)
                 health = _sh(
                     engine, "inspect", "-f", "{{.State.Health.Status}}", container
                 ).stdout.strip()
-                if health != "starting":
-                    break
-                time.sleep(1)
             assert health == "healthy", _sh(engine, "inspect", container).stdout[-2000:]
         else:
             _sh(engine, "healthcheck", "run", container)
 
-        started = time.monotonic()
-        _sh(engine, "stop", "--time", str(GRACE_S), container, timeout=GRACE_S + 30)
-        stopped_in = time.monotonic() - started
-        state = json.loads(
-            _sh(engine, "inspect", "-f", "{{json .State}}", container).stdout
-        )
-        assert state["ExitCode"] == 0, state
-        assert stopped_in < GRACE_S, f"took {stopped_in:.1f} s: SIGKILLed after the grace period"
+        stopped_in = _stop(engine, container)
+
+        # again, stopped while a beam of one more case runs, then started on the same volume
+        _sh(engine, "start", container)
+        _sh(engine, "exec", container, "python", "-c", FEED_LATE)
+
+        def late_running(cases: list[dict[str, Any]]) -> bool:
+            late = [c for c in cases if c["case_id"] == LATE]
+            return bool(late) and any(b["status"] == "running" for b in late[0]["beams"])
+
+        _wait_cases(engine, container, CASES + 1, late_running, timeout=120)
+        stopped_mid_run_in = _stop(engine, container)
+        _sh(engine, "start", container)
+        cases = _wait_cases(engine, container, CASES + 1, _all_terminal)
+        assert all(c["status"] == "completed" for c in cases), cases
+        late_attempts = [b["attempts"] for c in cases if c["case_id"] == LATE for b in c["beams"]]
+        _stop(engine, container)
 
         # stdout: JSON lines only
         logs = _sh(engine, "logs", container)
@@ -158,14 +205,27 @@ def test_container_runs_demo_cases_stops_on_sigterm_and_keeps_the_database(
         assert lines, "no log lines on stdout"
         records = [json.loads(line) for line in lines]
         assert all(isinstance(r, dict) for r in records)
-        print(f"\n{engine}: {CASES} cases completed; stopped in {stopped_in:.1f} s, exit 0; "
-              f"{len(lines)} JSON log lines")  # fmt: skip
+        print(
+            f"\n{engine}: {CASES} demo cases completed; SIGTERM: exit 0 in {stopped_in:.1f} s, "
+            f"{stopped_mid_run_in:.1f} s with a beam running; after a restart {LATE} completed "
+            f"(MOQUI attempts per beam: {late_attempts}); "
+            f"{len(lines)} JSON log lines"
+        )
     finally:
         _sh(engine, "rm", "--force", container, check=False)
 
     # the database outlived the container on the volume: a fresh container reads it
     out = _sh(
-        engine, "run", "--rm", "--volume", f"{volume}:/data", IMAGE, "status", "--json", "-c", CONFIG
+        engine,
+        "run",
+        "--rm",
+        "--volume",
+        f"{volume}:/data",
+        IMAGE,
+        "status",
+        "--json",
+        "-c",
+        CONFIG,
     ).stdout
     again = json.loads(out)["cases"]
     assert sorted(c["case_id"] for c in again) == sorted(c["case_id"] for c in cases)
