@@ -76,7 +76,7 @@ make_debian_base() {
     local hooks=()
     # merged /usr made by mmdebstrap's hook rather than the usrmerge package (which pulls in perl)
     [[ -d /usr/share/mmdebstrap/hooks/merged-usr ]] && hooks=(--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr)
-    nice -n 10 mmdebstrap --variant=minbase --mode=root "${hooks[@]}" \
+    nice -n 10 mmdebstrap --variant=minbase "${hooks[@]}" \
         --include=python3,python3-venv,ca-certificates,tini \
         --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/doc/*' \
