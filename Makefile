@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: install run demo test test-fast lint format bench soak check clean
+.PHONY: install run demo test test-fast lint format bench soak check clean image image-test
 
 install: $(STAMP)
 
@@ -45,6 +45,14 @@ soak: install
 	$(BIN)/python -m pytest tests/soak -s -p no:cacheprovider -o addopts="" --timeout=3600
 
 check: lint test
+
+# the container image (docker, or podman): a base made from Debian packages when no registry
+image:
+	deploy/build-image.sh
+
+# runs the built image for real (tests/image; skipped by `make test`); `make image` first
+image-test: install
+	MQI_IMAGE_TEST=1 $(BIN)/python -m pytest tests/image -p no:cacheprovider -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
