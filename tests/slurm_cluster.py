@@ -160,7 +160,7 @@ class SlurmCluster:
     # -- daemons --------------------------------------------------------------------------
 
     def _daemon_pid(self, daemon: str) -> int | None:
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, IndexError):
             pid = int(self.pidfile(daemon).read_text().split()[0])
             if _pid_alive(pid):
                 return pid

@@ -490,7 +490,7 @@ class Engine:
             message="cancelled by operator",
         )
         later = f", {pending} kill(s) pending until the host is back" if pending else ""
-        return f"cancelled {case_id} ({killed} running job(s) stopped{later})"
+        return f"cancelled {case_id} ({killed} running job(s) killed{later})"
 
     async def _retry(self, case_id: str) -> str:
         case = await self._store.get_case(case_id)
