@@ -82,7 +82,7 @@ async def test_connection_pragmas(tmp_path: Path) -> None:
             values[name] = list(await conn.execute_fetchall(f"PRAGMA {name}"))[0][0]
     assert values == {
         "journal_mode": "wal",
-        "synchronous": 1,
+        "synchronous": 2,  # FULL: a recorded launch survives power loss
         "busy_timeout": 5000,
         "foreign_keys": 1,
     }
