@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from mqi_async.folders import make_private_dirs
+
 #: record attributes copied into the JSON line when a caller passes them in `extra=`
 CONTEXT_KEYS = ("case_id", "beam_id", "host", "run", "code", "component")
 
@@ -43,8 +45,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def _private_file_handler(path: Path, max_bytes: int, backups: int) -> logging.Handler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    make_private_dirs(path.parent)
     if not path.exists():
         # created 0600 before the handler opens it, so logs are never world-readable
         fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)

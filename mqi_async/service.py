@@ -26,10 +26,12 @@ from mqi_async.engine.cases import CaseSettings
 from mqi_async.engine.engine import Engine, EngineSettings
 from mqi_async.engine.ports import Host
 from mqi_async.engine.workflow import WorkflowSettings
+from mqi_async.folders import make_private_dirs
 from mqi_async.ingest.reader import FoundCase
 from mqi_async.ingest.watcher import CaseWatcher
 from mqi_async.log import configure_logging, remove_handlers
 from mqi_async.store import Store
+from mqi_async.store.secret import load_or_create_secret
 from mqi_async.tools import DoseWorker, LocalToolRunner, Tools
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,9 @@ def build_hosts(settings: Settings, work_root: Path) -> dict[str, Host]:
     return hosts
 
 
-def engine_settings(settings: Settings, hosts: dict[str, Host]) -> EngineSettings:
+def engine_settings(
+    settings: Settings, hosts: dict[str, Host], case_key_secret: bytes
+) -> EngineSettings:
     stale_s = settings.gpu.poll_seconds * settings.gpu.stale_after_polls
     policies = {
         h.name: GpuPolicy(
@@ -97,6 +101,7 @@ def engine_settings(settings: Settings, hosts: dict[str, Host]) -> EngineSetting
             backoff_max_s=settings.retry.backoff_max_seconds,
             step_timeout_s=max(600.0, settings.runs.timeout_seconds),
             work_directory=settings.work_directory,
+            case_key_secret=case_key_secret,
         ),
         cases=CaseSettings(
             work_directory=settings.work_directory,
@@ -146,8 +151,7 @@ async def _start_hosts(hosts: dict[str, Host]) -> None:
 async def open_service(settings: Settings) -> AsyncIterator[Service]:
     """Build the service's objects; close hosts and the database on the way out."""
     for d in (settings.work_directory, settings.database.parent):
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
+        make_private_dirs(d)
     store = await Store.open(settings.database)
     hosts: dict[str, Host] = {}
     dose_worker: DoseWorker | None = None
@@ -170,7 +174,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
                 fraction_window=timedelta(minutes=settings.ingest.fraction_window_minutes)
             ),
             clock=SystemClock(),
-            settings=engine_settings(settings, hosts),
+            settings=engine_settings(settings, hosts, load_or_create_secret(settings.database)),
         )
 
         async def on_case(case: FoundCase, new_ptn: bool) -> None:

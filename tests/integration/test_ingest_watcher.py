@@ -205,7 +205,7 @@ async def test_marked_case_with_hundreds_of_events_is_registered_once(tmp_path: 
             ),
             source=CaseReader(fraction_window=timedelta(minutes=60)),
             clock=SystemClock(),
-            settings=engine_settings(settings, {}),
+            settings=engine_settings(settings, {}, bytes(32)),
         )
 
         async def register(case: FoundCase, new_ptn: bool) -> None:
