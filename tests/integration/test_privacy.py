@@ -1,0 +1,96 @@
+"""Patient data on a host: private modes under a login umask of 022, no patient ID in shared places."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mqi_async.domain.privacy import case_key, is_case_key
+from mqi_async.store.secret import secret_path
+from tests.e2e import make_rig, running_service, statuses, wait_until
+from tests.sshd import SshdServer, start_sshd
+
+pytestmark = [pytest.mark.sshd, pytest.mark.slow]
+
+PATIENT = "PRIV4711"
+
+
+@pytest.fixture(scope="module")
+def sshd_022() -> Iterator[SshdServer]:
+    """A real OpenSSH sshd whose sessions run under umask 022, as most servers' logins do."""
+    server = start_sshd(login_umask=0o022)
+    try:
+        if not server.is_openssh:
+            pytest.skip("needs a real OpenSSH sshd: the stand-in runs under the test's umask")
+        yield server
+    finally:
+        server.close()
+
+
+def _remote_root(sshd: SshdServer, rig_root: Path) -> Path:
+    return sshd.work_dir / "runs" / f"{rig_root.parent.name}-{rig_root.name}"
+
+
+def _not_private(root: Path) -> list[str]:
+    """What `find root -perm /077` lists."""
+    out = subprocess.run(
+        ["find", str(root), "-perm", "/077"], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()
+
+
+async def _watch_ps(seen: list[str], remote_root: Path, stop: asyncio.Event) -> None:
+    """Every command line of the host's side (scripts under sshd, MOQUI) while the run goes."""
+    while not stop.is_set():
+        out = await asyncio.to_thread(
+            subprocess.run, ["ps", "-ww", "-eo", "args"], capture_output=True, text=True
+        )
+        seen.extend(
+            line
+            for line in out.stdout.splitlines()
+            if str(remote_root) in line or "umask 077" in line
+        )
+        await asyncio.sleep(0.05)
+
+
+async def test_full_run_leaves_nothing_readable_and_no_patient_id_in_shared_places(
+    tmp_path: Path, sshd_022: SshdServer
+) -> None:
+    rig_root = tmp_path / "rig"
+    rig = make_rig(rig_root, sshd_022, gpus=2, run_seconds=1.5)
+    remote_root = _remote_root(sshd_022, rig_root)
+    assert not remote_root.exists()
+    written = rig.drop_case(PATIENT, beams=2)
+    assert PATIENT in str(written.case_dir)
+    seen: list[str] = []
+    stop = asyncio.Event()
+    async with running_service(rig.settings()) as svc:
+        watcher = asyncio.create_task(_watch_ps(seen, remote_root, stop))
+        try:
+            await wait_until(lambda: _completed(svc), timeout_s=120, what="the case to complete")
+        finally:
+            stop.set()
+            await watcher
+    key = case_key(secret_path(rig.db).read_bytes(), PATIENT)
+    # what another user of the host sees: modes, names, command lines
+    assert _not_private(remote_root) == []
+    assert stat.S_IMODE(remote_root.stat().st_mode) == 0o700
+    names = [p.name for p in remote_root.rglob("*")]
+    assert names and not [n for n in names if PATIENT in n]
+    assert [p.name for p in remote_root.iterdir()] == [key] and is_case_key(key)
+    moqui_lines = [line for line in seen if "tps_env" in line and key in line]
+    assert moqui_lines, "MOQUI's command line was never seen; the ps check proves nothing"
+    assert [line for line in seen if f"mqi-{key}-b" in line]
+    assert [line for line in seen if PATIENT in line] == []
+    # the mapping stays local: the secret is private to the service
+    assert stat.S_IMODE(os.stat(secret_path(rig.db)).st_mode) == 0o600
+
+
+async def _completed(svc: object) -> bool:
+    return await statuses(svc) == {PATIENT: "completed"}  # type: ignore[arg-type]
