@@ -6,9 +6,11 @@ import asyncio
 import os
 import stat
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from mqi_async.domain.privacy import case_key, is_case_key
@@ -94,3 +96,60 @@ async def test_full_run_leaves_nothing_readable_and_no_patient_id_in_shared_plac
 
 async def _completed(svc: object) -> bool:
     return await statuses(svc) == {PATIENT: "completed"}  # type: ignore[arg-type]
+
+
+HOSTILE_NAMES = {
+    "HOST0001": "../../../../escape_dotdot",
+    "HOST0002": "sub/escape_slash",
+    "HOST0003": "bell\x07name",
+    "HOST0004": "x" * 300,
+    "HOST0005": "Strahl-\u00e4",
+}
+
+
+def _set_beam_name(plan: Path, name: str) -> None:
+    ds = pydicom.dcmread(plan)
+    if not name.isascii():
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    with warnings.catch_warnings():
+        # a hostile TPS does not care that LO allows 64 characters; pydicom warns
+        warnings.simplefilter("ignore", UserWarning)
+        next(b for b in ds.IonBeamSequence if b.BeamName != "SETUP").BeamName = name
+        ds.save_as(plan, enforce_file_format=True)
+
+
+# as in production, pydicom's complaint about a value longer than its VR allows stays a warning
+@pytest.mark.filterwarnings("ignore:The value length:UserWarning")
+async def test_hostile_beam_names_fail_at_ingest_and_nothing_runs(
+    tmp_path: Path, sshd_022: SshdServer
+) -> None:
+    rig_root = tmp_path / "rig"
+    rig = make_rig(rig_root, sshd_022)
+    remote_root = _remote_root(sshd_022, rig_root)
+    for case_id, name in HOSTILE_NAMES.items():
+        _set_beam_name(rig.drop_case(case_id, beams=1).rtplan_path, name)
+    rig.drop_case("GOOD0001", beams=1)
+    async with running_service(rig.settings()) as svc:
+        done = set(HOSTILE_NAMES) | {"GOOD0001"}
+        await wait_until(lambda: _all_terminal(svc, done), timeout_s=90, what="every case to end")
+        cases = {c.case_id: c for c in await svc.store.snapshot()}
+    assert cases["GOOD0001"].status == "completed"
+    for case_id in HOSTILE_NAMES:
+        case = cases[case_id]
+        assert case.status == "failed" and not case.beams
+        error = case.error or ""
+        assert error.startswith("invalid_beam_name: "), error
+        assert error.isascii() and all(ch.isprintable() for ch in error)
+        assert len(error) < 400
+    # nothing of theirs reached the host, nothing was written beside the roots
+    assert [p.name for p in remote_root.iterdir()] == [
+        case_key(secret_path(rig.db).read_bytes(), "GOOD0001")
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rig"]
+    assert not list(tmp_path.rglob("escape_*"))
+    assert not list(sshd_022.work_dir.rglob("escape_*"))
+
+
+async def _all_terminal(svc: object, ids: set[str]) -> bool:
+    got = await statuses(svc)  # type: ignore[arg-type]
+    return set(got) == ids and all(s in ("completed", "failed") for s in got.values())
