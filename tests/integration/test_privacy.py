@@ -127,7 +127,9 @@ async def test_hostile_beam_names_fail_at_ingest_and_nothing_runs(
     rig = make_rig(rig_root, sshd_022)
     remote_root = _remote_root(sshd_022, rig_root)
     for case_id, name in HOSTILE_NAMES.items():
-        _set_beam_name(rig.drop_case(case_id, beams=1).rtplan_path, name)
+        plan = rig.drop_case(case_id, beams=1).rtplan_path
+        assert plan is not None
+        _set_beam_name(plan, name)
     rig.drop_case("GOOD0001", beams=1)
     async with running_service(rig.settings()) as svc:
         done = set(HOSTILE_NAMES) | {"GOOD0001"}
