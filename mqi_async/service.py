@@ -171,6 +171,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             hosts=hosts,
             tools=tools,
             source=CaseReader(
+                scan_directory=settings.scan_directory,
                 fraction_window=timedelta(minutes=settings.ingest.fraction_window_minutes)
             ),
             clock=SystemClock(),

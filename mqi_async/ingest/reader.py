@@ -54,6 +54,22 @@ def _listing(path: str) -> tuple[list[str], list[str]]:
     return files, dirs
 
 
+def outside_scan(scan_dir: str, path: str) -> bool:
+    """Whether `path`, with every symbolic link resolved, leaves the scan directory."""
+    real = os.path.realpath(path)
+    base = os.path.realpath(scan_dir)
+    return real != base and not real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def via_link(scan_dir: str, path: str) -> bool:
+    """Whether some folder between the scan directory and `path` (or `path`) is a link."""
+    relative = os.path.relpath(os.path.normpath(path), os.path.normpath(scan_dir))
+    base = os.path.realpath(scan_dir)
+    return os.path.realpath(path) != (
+        base if relative == os.curdir else os.path.join(base, relative)
+    )
+
+
 def is_scan_root_or_room(scan_dir: str, path: str) -> bool:
     """True for the scan directory itself and for a room folder (`G1`, `G2`) right below it:
     neither is ever a case, and a marker in them marks nothing."""
@@ -64,6 +80,11 @@ def is_scan_root_or_room(scan_dir: str, path: str) -> bool:
 def check_case_dir(scan_dir: str, path: str, marker: str) -> FoundCase | None:
     """The ready case at `path`, or None when it is not a case or not ready yet."""
     if is_scan_root_or_room(scan_dir, path):
+        return None
+    # One link policy, start-up and live alike: a folder reached through a link is never a
+    # case of its own when the link stays inside (its target is found as itself); one that
+    # leaves is reported, and CaseReader fails it (`symlink_outside_scan`) without reading it.
+    if via_link(scan_dir, path) and not outside_scan(scan_dir, path):
         return None
     files, dirs = _listing(path)
     subdir_files = {
@@ -93,8 +114,17 @@ def scan_tree(scan_dir: str, root: str, marker: str, *, max_depth: int = 6) -> l
     """Every ready case at or below `root` (a bounded walk; staging folders are skipped)."""
     found: list[FoundCase] = []
     base_depth = os.path.normpath(root).count(os.sep)
-    for dirpath, dirnames, _files in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not is_staging_component(d))
+    # links are walked (bounded by max_depth) only to report the cases behind them
+    for dirpath, dirnames, _files in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not is_staging_component(d)
+            and not (
+                os.path.islink(os.path.join(dirpath, d))
+                and not outside_scan(scan_dir, os.path.join(dirpath, d))
+            )
+        )
         if os.path.normpath(dirpath).count(os.sep) - base_depth >= max_depth:
             dirnames[:] = []
         case = check_case_dir(scan_dir, dirpath, marker)
@@ -127,6 +157,22 @@ def check_candidates(scan_dir: str, paths: list[str], marker: str) -> list[Found
                 break
             current = os.path.dirname(current)
     return list(seen.values())
+
+
+def _escaping_links(scan_dir: str, case_path: str) -> list[str]:
+    """Links in the case folder or its delivery folders that point out of the scan directory."""
+    found: list[str] = []
+    for folder in (case_path, *(os.path.join(case_path, d) for d in _listing(case_path)[1])):
+        try:
+            with os.scandir(folder) as it:
+                found.extend(
+                    os.path.relpath(entry.path, case_path)
+                    for entry in it
+                    if entry.is_symlink() and outside_scan(scan_dir, entry.path)
+                )
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def _read_case_files(case_path: str) -> tuple[list[tuple[str, bytes]], list[DeliveryInput]]:
@@ -164,7 +210,8 @@ def _read_case_files(case_path: str) -> tuple[list[tuple[str, bytes]], list[Deli
 class CaseReader:
     """The engine's CaseSource: reads a case folder in a worker thread, resolves it purely."""
 
-    def __init__(self, *, fraction_window: timedelta) -> None:
+    def __init__(self, *, scan_directory: Path, fraction_window: timedelta) -> None:
+        self._scan = str(scan_directory)
         self._window = fraction_window
 
     async def resolve(
@@ -175,6 +222,19 @@ class CaseReader:
     def _resolve_sync(self, case_path: str, now: datetime) -> ResolvedCase | Waiting:
         if not os.path.isdir(case_path):
             raise IngestError("missing_rtplan", f"the case folder {case_path} is gone")
+        if outside_scan(self._scan, case_path):
+            raise IngestError(
+                "symlink_outside_scan",
+                f"{case_path} is reached through a link to {os.path.realpath(case_path)},"
+                " outside the scan directory; nothing of it was read",
+            )
+        links = _escaping_links(self._scan, case_path)
+        if links:
+            shown = ", ".join(links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
+            raise IngestError(
+                "symlink_outside_scan",
+                f"{case_path}: {shown} link(s) out of the scan directory; nothing was read",
+            )
         candidates, deliveries = _read_case_files(case_path)
         plan = select_rtplan(candidates)
         plan_name = plan.source
