@@ -172,7 +172,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             tools=tools,
             source=CaseReader(
                 scan_directory=settings.scan_directory,
-                fraction_window=timedelta(minutes=settings.ingest.fraction_window_minutes)
+                fraction_window=timedelta(minutes=settings.ingest.fraction_window_minutes),
             ),
             clock=SystemClock(),
             settings=engine_settings(settings, hosts, load_or_create_secret(settings.database)),
