@@ -49,6 +49,9 @@ class IngestSettings(_Section):
     fraction_window_minutes: Annotated[float, Field(ge=0)] = 60
     #: polling interval when polling (network shares); milliseconds
     poll_delay_ms: Annotated[int, Field(ge=10, le=60_000)] = 300
+    #: an RTPLAN above this size fails its case (`rtplan_too_large`); other DICOM files
+    #: (CT, images) are never read past their header
+    max_rtplan_mb: Annotated[int, Field(ge=1, le=4096)] = 64
 
 
 class _HostBase(_Section):

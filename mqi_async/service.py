@@ -172,6 +172,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             tools=tools,
             source=CaseReader(
                 scan_directory=settings.scan_directory,
+                max_plan_bytes=settings.ingest.max_rtplan_mb * 1024 * 1024,
                 fraction_window=timedelta(minutes=settings.ingest.fraction_window_minutes),
             ),
             clock=SystemClock(),

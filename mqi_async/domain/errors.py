@@ -191,10 +191,10 @@ FAILURES: dict[str, FailureInfo] = {
         "A plan field that becomes a file name (BeamName, …) holds a path separator, `..`, a"
         " control or non-ASCII character, or is too long; fix it in the TPS, re-export, retry.",
     ),
-    "dicom_too_large": FailureInfo(
+    "rtplan_too_large": FailureInfo(
         _P,
-        "A DICOM file in the case folder is larger than `ingest.max_dicom_mb`; remove it from"
-        " the case folder or raise the limit, then retry.",
+        "The RTPLAN is larger than `ingest.max_rtplan_mb`; check the export (a plan is"
+        " rarely above a few MiB) or raise the limit, then retry.",
     ),
     "symlink_outside_scan": FailureInfo(
         _P,

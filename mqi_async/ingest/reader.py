@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pydicom
+
 from mqi_async.domain.errors import IngestError
 from mqi_async.domain.fractions import DeliveryInput, Waiting, resolve_case
 from mqi_async.domain.plan import find_rtplan_candidates, select_rtplan
@@ -22,8 +24,10 @@ from mqi_async.ingest.layout import (
     safe_name,
 )
 
-#: an RTPLAN larger than this is not a plan (protects memory from a stray image series)
-_MAX_PLAN_BYTES = 64 * 1024 * 1024
+#: the default of `ingest.max_rtplan_mb`
+DEFAULT_MAX_PLAN_BYTES = 64 * 1024 * 1024
+#: values above this are skipped, not read, while a candidate's header is looked at
+_DEFER_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,20 +179,59 @@ def _escaping_links(scan_dir: str, case_path: str) -> list[str]:
     return sorted(found)
 
 
-def _read_case_files(case_path: str) -> tuple[list[tuple[str, bytes]], list[DeliveryInput]]:
-    files, dirs = _listing(case_path)
-    names = list(files)
-    for d in dirs:
-        names.extend(f"{d}/{f}" for f in _listing(os.path.join(case_path, d))[0])
+def _header_modality(path: str) -> str | None:
+    """The Modality of a DICOM file from its header alone (pixels and big values are never
+    read), or None when the header cannot be read."""
+    try:
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, defer_size=_DEFER_BYTES, specific_tags=["Modality"]
+        )
+    except Exception:  # pydicom raises many types for a broken or foreign file
+        return None
+    value = ds.get("Modality")
+    return str(value).strip() if value is not None else ""
+
+
+def _plan_candidates(case_path: str, names: list[str], max_bytes: int) -> list[tuple[str, bytes]]:
+    """The candidates select_rtplan looks at: every RTPLAN read whole, nothing else.
+
+    A file whose header says another Modality (a CT or image series) is skipped after its
+    header; one whose header is unreadable is passed on only when it is small, so that a
+    broken plan is still reported as such.
+    """
     candidates: list[tuple[str, bytes]] = []
     for name in find_rtplan_candidates(names):
         full = os.path.join(case_path, name)
         try:
-            if os.path.getsize(full) > _MAX_PLAN_BYTES:
-                continue
+            size = os.path.getsize(full)
+        except OSError:
+            continue
+        modality = _header_modality(full)
+        if modality is not None and modality != "RTPLAN":
+            continue
+        if size > max_bytes:
+            if modality == "RTPLAN":
+                raise IngestError(
+                    "rtplan_too_large",
+                    f"{name} is {size / 2**20:.1f} MiB, above the {max_bytes / 2**20:.0f} MiB"
+                    " of ingest.max_rtplan_mb",
+                )
+            continue
+        try:
             candidates.append((name, Path(full).read_bytes()))
         except OSError:
             continue
+    return candidates
+
+
+def _read_case_files(
+    case_path: str, max_plan_bytes: int
+) -> tuple[list[tuple[str, bytes]], list[DeliveryInput]]:
+    files, dirs = _listing(case_path)
+    names = list(files)
+    for d in dirs:
+        names.extend(f"{d}/{f}" for f in _listing(os.path.join(case_path, d))[0])
+    candidates = _plan_candidates(case_path, names, max_plan_bytes)
     deliveries: list[DeliveryInput] = []
     for d in sorted(dirs):
         if is_staging_component(d):
@@ -210,9 +253,16 @@ def _read_case_files(case_path: str) -> tuple[list[tuple[str, bytes]], list[Deli
 class CaseReader:
     """The engine's CaseSource: reads a case folder in a worker thread, resolves it purely."""
 
-    def __init__(self, *, scan_directory: Path, fraction_window: timedelta) -> None:
+    def __init__(
+        self,
+        *,
+        scan_directory: Path,
+        fraction_window: timedelta,
+        max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES,
+    ) -> None:
         self._scan = str(scan_directory)
         self._window = fraction_window
+        self._max_plan_bytes = max_plan_bytes
 
     async def resolve(
         self, case_id: str, case_path: str, *, now: datetime
@@ -235,7 +285,7 @@ class CaseReader:
                 "symlink_outside_scan",
                 f"{case_path}: {shown} link(s) out of the scan directory; nothing was read",
             )
-        candidates, deliveries = _read_case_files(case_path)
+        candidates, deliveries = _read_case_files(case_path, self._max_plan_bytes)
         plan = select_rtplan(candidates)
         plan_name = plan.source
         # the plan's own folder is never a delivery
