@@ -176,11 +176,26 @@ class LoggingSettings(_Section):
     directory: Path = Path("data/logs")
     max_file_mb: Annotated[int, Field(ge=1)] = 20
     backup_count: Annotated[int, Field(ge=0)] = 5
+    #: for logs shipped off the hospital's systems: case ids (patient ids) in log lines are
+    #: replaced by the opaque case key the hosts see
+    redact_patient_ids: bool = False
 
     @field_validator("level", mode="before")
     @classmethod
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
+
+
+class RetentionSettings(_Section):
+    """What is deleted, and when; the scan directory never is."""
+
+    #: a finished beam's attempt folder on its host goes once its dose is downloaded and
+    #: converted; a failed attempt's folder stays this many days for diagnosis
+    remote_failed_days: Annotated[float, Field(ge=0)] = 7
+    #: days a finished case's folder under work_directory is kept; null keeps it forever
+    work_days: Annotated[float, Field(ge=0)] | None = None
+    #: how often retention looks for what to remove
+    sweep_seconds: Annotated[float, Field(gt=0)] = 600
 
 
 def default_moqui() -> dict[str, str | int | float | bool]:
@@ -240,6 +255,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     ui: UiSettings = UiSettings()
     logging: LoggingSettings = LoggingSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     #: folder of the config file; relative paths were resolved against it
     config_dir: Path = Field(default=Path("."), exclude=True)

@@ -21,10 +21,13 @@ from mqi_async.config import (
     SlurmHostSettings,
     SshHostSettings,
 )
+from mqi_async.domain.privacy import case_key
+from mqi_async.domain.retention import RetentionPolicy
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings
 from mqi_async.engine.engine import Engine, EngineSettings
 from mqi_async.engine.ports import Host
+from mqi_async.engine.retention import RetentionSettings, RetentionSweeper
 from mqi_async.engine.workflow import WorkflowSettings
 from mqi_async.folders import make_private_dirs
 from mqi_async.ingest.reader import FoundCase
@@ -128,6 +131,7 @@ class Service:
     started_at: datetime
     state: str = "starting"
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    retention: RetentionSweeper | None = None
 
     def request_stop(self) -> None:
         self.state = "stopping"
@@ -166,6 +170,8 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             log.error("tool check: %s", p)
         from mqi_async.ingest.reader import CaseReader
 
+        secret = load_or_create_secret(settings.database)
+
         engine = Engine(
             store=store,
             hosts=hosts,
@@ -176,7 +182,22 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
                 fraction_window=timedelta(minutes=settings.ingest.fraction_window_minutes),
             ),
             clock=SystemClock(),
-            settings=engine_settings(settings, hosts, load_or_create_secret(settings.database)),
+            settings=engine_settings(settings, hosts, secret),
+        )
+        retention = RetentionSweeper(
+            store=store,
+            hosts=hosts,
+            clock=SystemClock(),
+            settings=RetentionSettings(
+                policy=RetentionPolicy(
+                    remote_failed_days=settings.retention.remote_failed_days,
+                    work_days=settings.retention.work_days,
+                ),
+                sweep_s=settings.retention.sweep_seconds,
+                work_directory=settings.work_directory,
+                scan_directory=settings.scan_directory,
+            ),
+            case_key=lambda case: case_key(secret, case.case_id),
         )
 
         async def on_case(case: FoundCase, new_ptn: bool) -> None:
@@ -196,6 +217,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             watcher=watcher,
             hosts=hosts,
             started_at=datetime.now(UTC),
+            retention=retention,
         )
     finally:
         if dose_worker is not None:
@@ -220,6 +242,11 @@ async def run_until_stopped(
             engine_task = tg.create_task(service.engine.run())
             watcher_task = tg.create_task(_supervised_watcher(service))
             ui_task = tg.create_task(ui(service)) if ui is not None else None
+            retention_task = (
+                tg.create_task(_supervised("retention", service.retention.run))
+                if service.retention is not None
+                else None
+            )
             service.state = "running"
             log.info(
                 "mqi-async running: %d host(s), scan %s",
@@ -230,12 +257,27 @@ async def run_until_stopped(
             log.info(
                 "stopping: intake closed, remote runs continue and are re-attached at the next start"
             )
-            for task in (watcher_task, engine_task, ui_task):
+            for task in (watcher_task, engine_task, ui_task, retention_task):
                 if task is not None:
                     task.cancel()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _supervised(what: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a background loop; a crash is logged and the loop restarted, never fatal."""
+    delay = 1.0
+    while True:
+        try:
+            await run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s crashed; restarting in %.0f s", what, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
 
 async def _supervised_watcher(service: Service) -> None:

@@ -6,16 +6,22 @@ import asyncio
 import os
 import stat
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from mqi_async.domain.privacy import case_key, is_case_key
+from mqi_async.domain.retention import RetentionPolicy
+from mqi_async.engine.retention import RetentionSettings, RetentionSweeper
+from mqi_async.service import open_service
+from mqi_async.store import Store
 from mqi_async.store.secret import secret_path
-from tests.e2e import make_rig, running_service, statuses, wait_until
+from tests.e2e import Rig, make_rig, running_service, statuses, wait_until
 from tests.sshd import SshdServer, start_sshd
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
@@ -155,3 +161,106 @@ async def test_hostile_beam_names_fail_at_ingest_and_nothing_runs(
 async def _all_terminal(svc: object, ids: set[str]) -> bool:
     got = await statuses(svc)  # type: ignore[arg-type]
     return set(got) == ids and all(s in ("completed", "failed") for s in got.values())
+
+
+def _tree(root: Path) -> list[str]:
+    """Every path under root, relative, sorted (the before/after listings retention is judged by)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+class _Later:
+    """A clock `days` ahead of the wall clock."""
+
+    def __init__(self, days: float) -> None:
+        self._ahead = timedelta(days=days)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self._ahead
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+async def test_retention_removes_what_it_should_and_nothing_else(
+    tmp_path: Path, sshd_022: SshdServer
+) -> None:
+    rig_root = tmp_path / "rig"
+    rig = make_rig(
+        rig_root,
+        sshd_022,
+        overrides={"retention": {"sweep_seconds": 0.3, "remote_failed_days": 1, "work_days": 1}},
+    )
+    remote_root = _remote_root(sshd_022, rig_root)
+    work = rig_root / "work"
+    rig.drop_case("RETOK001", beams=2)
+    async with running_service(rig.settings()) as svc:
+        secret = secret_path(rig.db).read_bytes()
+        ok_key, fail_key = case_key(secret, "RETOK001"), case_key(secret, "RETFAIL1")
+        await wait_until(
+            lambda: _all_terminal(svc, {"RETOK001"}), timeout_s=90, what="RETOK001 to end"
+        )
+        # downloaded and converted: its folder (inputs with the RTPLAN, attempts) goes
+        await wait_until(
+            lambda: not (remote_root / ok_key).exists(), timeout_s=30, what="the sweep"
+        )
+        rig.fail_beams("abort")
+        rig.drop_case("RETFAIL1", beams=1)
+        await wait_until(
+            lambda: _all_terminal(svc, {"RETOK001", "RETFAIL1"}), timeout_s=90, what="RETFAIL1"
+        )
+        await asyncio.sleep(1.5)  # several sweeps: a fresh failure is kept for diagnosis
+        remote_kept = _tree(remote_root)
+        work_kept = _tree(work)
+        scan_before = _tree(rig.scan)
+        events = [e for e in await svc.store.recent_events(1000) if e.kind == "retention_removed"]
+    print("remote after the run:", remote_kept)
+    assert (await _case_status(rig, "RETFAIL1")) == "failed"
+    assert remote_kept[0] == fail_key and f"{fail_key}/inputs" in remote_kept
+    attempts = [p for p in remote_kept if p.count("/") == 2 and "/beam_1/" in p]
+    assert len(attempts) == 3, remote_kept
+    assert not [p for p in remote_kept if p.startswith(ok_key)]
+    assert [e.data for e in events] == [{"host": "gpu1", "path": str(remote_root / ok_key)}], (
+        "exactly one removal, the finished case's folder, and it is an event"
+    )
+    # all the work folders are there (work_days not reached)
+    assert {p for p in work_kept if "/" not in p} >= {"RETOK001", "RETFAIL1"}
+
+    # two days on: the failure's folder and both work folders go; nothing else does
+    async with open_service(rig.settings()) as svc:
+        for host in svc.hosts.values():
+            await host.start()
+        sweeper = RetentionSweeper(
+            store=svc.store,
+            hosts=svc.hosts,
+            clock=_Later(days=2),
+            settings=RetentionSettings(
+                policy=RetentionPolicy(remote_failed_days=1, work_days=1),
+                sweep_s=3600,
+                work_directory=work,
+                scan_directory=rig.scan,
+            ),
+            case_key=lambda case: case_key(secret, case.case_id),
+        )
+        assert await sweeper.sweep() == 3
+        assert await sweeper.sweep() == 0
+        events = [e for e in await svc.store.recent_events(1000) if e.kind == "retention_removed"]
+    print("remote after two days:", _tree(remote_root), "work:", _tree(work))
+    assert _tree(remote_root) == []
+    assert remote_root.is_dir()
+    assert [p for p in _tree(work) if "/" not in p and p.startswith("RET")] == []
+    # the scan directory is never touched
+    assert _tree(rig.scan) == scan_before and len(scan_before) > 10
+    assert sorted(str((e.data or {}).get("path")) for e in events) == sorted(
+        [
+            str(remote_root / ok_key),
+            str(remote_root / fail_key),
+            str(work / "RETOK001"),
+            str(work / "RETFAIL1"),
+        ]
+    )
+
+
+async def _case_status(rig: Rig, case_id: str) -> str:
+    async with await Store.open_readonly(rig.db) as store:
+        case = await store.get_case(case_id)
+    return str(case.status) if case else "-"
