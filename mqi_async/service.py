@@ -32,7 +32,7 @@ from mqi_async.engine.workflow import WorkflowSettings
 from mqi_async.folders import make_private_dirs
 from mqi_async.ingest.reader import FoundCase
 from mqi_async.ingest.watcher import CaseWatcher
-from mqi_async.log import configure_logging, remove_handlers
+from mqi_async.log import configure_logging, learn_patient_ids, remove_handlers
 from mqi_async.store import Store
 from mqi_async.store.secret import load_or_create_secret
 from mqi_async.tools import DoseWorker, LocalToolRunner, Tools
@@ -200,7 +200,11 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             case_key=lambda case: case_key(secret, case.case_id),
         )
 
+        # ids the redactor (logging.redact_patient_ids) must know before they are logged
+        learn_patient_ids(*(i for c in await store.list_cases() for i in (c.case_id, c.patient_id)))
+
         async def on_case(case: FoundCase, new_ptn: bool) -> None:
+            learn_patient_ids(case.case_id)
             await engine.register_case(
                 case_id=case.case_id,
                 case_path=case.case_path,
@@ -308,12 +312,17 @@ def run_service(settings: Settings, *, headless: bool) -> int:
     """`mqi-async run`: 0 after a graceful stop, 2 when another instance holds the database."""
     # everything the service creates (database, logs, work files) is private to its user
     os.umask(0o077)
+    redact_secret = None
+    if settings.logging.redact_patient_ids:
+        make_private_dirs(settings.database.parent)
+        redact_secret = load_or_create_secret(settings.database)
     handlers = configure_logging(
         level=settings.logging.level,
         directory=settings.logging.directory,
         stdout=sys.stdout if headless else None,
         max_file_mb=settings.logging.max_file_mb,
         backup_count=settings.logging.backup_count,
+        redact_secret=redact_secret,
     )
     # a stop request before the event loop takes over the signals still ends cleanly
     previous = {

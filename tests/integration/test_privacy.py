@@ -21,7 +21,16 @@ from mqi_async.engine.retention import RetentionSettings, RetentionSweeper
 from mqi_async.service import open_service
 from mqi_async.store import Store
 from mqi_async.store.secret import secret_path
-from tests.e2e import Rig, make_rig, running_service, statuses, wait_until
+from tests.e2e import (
+    Rig,
+    make_rig,
+    running_service,
+    spawn_service,
+    status_json,
+    statuses,
+    wait_status,
+    wait_until,
+)
 from tests.sshd import SshdServer, start_sshd
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
@@ -264,3 +273,26 @@ async def _case_status(rig: Rig, case_id: str) -> str:
     async with await Store.open_readonly(rig.db) as store:
         case = await store.get_case(case_id)
     return str(case.status) if case else "-"
+
+
+def test_redacted_logs_carry_case_keys_and_no_patient_id(
+    tmp_path: Path, sshd_022: SshdServer
+) -> None:
+    rig = make_rig(tmp_path / "rig", sshd_022, overrides={"logging": {"redact_patient_ids": True}})
+    rig.drop_case(PATIENT, beams=2)
+    proc = spawn_service(rig)
+    try:
+        wait_status(rig, lambda s: [c["status"] for c in s["cases"]] == ["completed"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    key = case_key(secret_path(rig.db).read_bytes(), PATIENT)
+    file_log = (rig.root / "logs" / "mqi-async.log").read_text()
+    stdout_log = (rig.root / "service.out").read_text()
+    for text in (file_log, stdout_log):
+        assert len(text.splitlines()) > 20
+        assert PATIENT not in text
+        assert key in text
+    # the local status (the hospital's own view) still names the patient
+    assert status_json(rig)["cases"][0]["case_id"] == PATIENT
