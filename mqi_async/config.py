@@ -38,6 +38,12 @@ COMPUTED_TPS_KEYS = frozenset(
 )
 
 
+#: `known_hosts: ignore` turns host key checks off (shown as UNVERIFIED in `status`)
+IGNORE_HOST_KEYS = "ignore"
+#: the most SSH channels a host may be given (`max_sessions`)
+MAX_SESSIONS_CAP = 64
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -95,10 +101,21 @@ class _SshFields(_HostBase):
     #: a path, or the string "ignore" to disable host key checks (logged loudly)
     known_hosts: str | None = "~/.ssh/known_hosts"
     remote_root: Annotated[str, Field(min_length=1)]
-    max_sessions: Annotated[int, Field(ge=1, le=1024)] = 8
+    #: channels open at once; OpenSSH's MaxSessions defaults to 10 (MAX_SESSIONS_CAP at most)
+    max_sessions: Annotated[int, Field(ge=1)] = 8
     connect_timeout_seconds: PositiveSeconds = 15
     command_timeout_seconds: PositiveSeconds = 60
     keepalive_seconds: PositiveSeconds = 15
+
+    @field_validator("max_sessions")
+    @classmethod
+    def _sessions_cap(cls, v: int) -> int:
+        if v > MAX_SESSIONS_CAP:
+            raise ValueError(
+                f"at most {MAX_SESSIONS_CAP}; keep it below the server's MaxSessions"
+                " (sshd_config, default 10): a channel beyond it is refused"
+            )
+        return v
 
     @field_validator("remote_root")
     @classmethod

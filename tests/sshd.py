@@ -149,10 +149,11 @@ class SshdServer:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def start_sshd(*, login_umask: int | None = None) -> SshdServer:
+def start_sshd(*, login_umask: int | None = None, extra_config: tuple[str, ...] = ()) -> SshdServer:
     """Generate keys and config, start sshd (or the asyncssh stand-in) and wait for its port.
 
-    `login_umask` is the umask of every login session (a server's `UMASK` in login.defs).
+    `login_umask` is the umask of every login session (a server's `UMASK` in login.defs);
+    `extra_config` lines are appended to sshd_config (OpenSSH only).
     """
     work = Path(tempfile.mkdtemp(prefix="mqi-sshd-"))
     # sshd reads authorized_keys as the login user; pytest's 0700 tmp dirs would block it
@@ -187,6 +188,7 @@ def start_sshd(*, login_umask: int | None = None) -> SshdServer:
             f"Subsystem sftp {sftp}",
             "LogLevel INFO",
             # MaxSessions and MaxStartups stay at their defaults (10, 10:30:100) on purpose
+            *extra_config,
         ]
         if os.geteuid() == 0:
             lines.append("PermitRootLogin prohibit-password")
