@@ -219,7 +219,9 @@ class BeamWorkflow:
 
     async def _upload(self, beam: BeamRow, case: CaseRow) -> Step:
         dirs = CaseDirs.of(self._s.work_directory, case)
-        for host in self._hosts.values():
+        # Sent ahead (while the beam waits for a GPU) only where it will run: with one host.
+        # With several, patient data goes only to the host a beam is granted, at launch.
+        for host in self._hosts.values() if len(self._hosts) == 1 else ():
             if not host.is_available():
                 continue
             remote = RemoteDirs.of(host.remote_root, self.case_key(case), beam)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 
 from mqi_async.domain.privacy import case_key, is_case_key
 from mqi_async.domain.retention import RetentionPolicy
@@ -296,3 +297,28 @@ def test_redacted_logs_carry_case_keys_and_no_patient_id(
         assert key in text
     # the local status (the hospital's own view) still names the patient
     assert status_json(rig)["cases"][0]["case_id"] == PATIENT
+
+
+async def test_with_two_hosts_a_case_goes_only_to_the_host_that_runs_it(
+    tmp_path: Path, sshd_022: SshdServer
+) -> None:
+    rig_root = tmp_path / "rig"
+    rig = make_rig(rig_root, sshd_022, gpus=1)
+    config = yaml.safe_load(rig.config_path.read_text())
+    other_root = _remote_root(sshd_022, rig_root).with_name("second-host")
+    config["hosts"].append({**config["hosts"][0], "name": "gpu2", "remote_root": str(other_root)})
+    rig.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    rig.drop_case("TWOHOST1", beams=1)
+    async with running_service(rig.settings()) as svc:
+        await wait_until(
+            lambda: _all_terminal(svc, {"TWOHOST1"}), timeout_s=90, what="the case to end"
+        )
+        (case,) = await svc.store.snapshot()
+    assert case.status == "completed"
+    key = case_key(secret_path(rig.db).read_bytes(), "TWOHOST1")
+    ran_on = case.beams[0].host
+    assert ran_on is not None
+    roots = {"gpu1": _remote_root(sshd_022, rig_root), "gpu2": other_root}
+    assert (roots[ran_on] / key / "inputs").is_dir()
+    idle = next(r for name, r in roots.items() if name != ran_on)
+    assert not (idle / key).exists()
