@@ -114,27 +114,66 @@ def check_case_dir(scan_dir: str, path: str, marker: str) -> FoundCase | None:
     )
 
 
+#: levels below a link out of the scan directory looked at for cases (room, patient, study)
+_LINK_DEPTH = 2
+#: folders looked at behind one such link at most (a link to `/` must not walk the disk)
+_LINK_MAX_FOLDERS = 200
+
+
+def _cases_behind_link(scan_dir: str, link: str, marker: str) -> list[FoundCase]:
+    """The cases at or just below a link out of the scan directory, found only so that they
+    fail visibly (CaseReader refuses to read them); no further link is followed."""
+    found: list[FoundCase] = []
+    level = [link]
+    looked = 0
+    for _ in range(_LINK_DEPTH + 1):
+        below: list[str] = []
+        for folder in level:
+            looked += 1
+            if looked > _LINK_MAX_FOLDERS:
+                return found
+            case = check_case_dir(scan_dir, folder, marker)
+            if case is not None:
+                found.append(case)
+                continue
+            below.extend(
+                os.path.join(folder, d)
+                for d in sorted(_listing(folder)[1])
+                if not is_staging_component(d)
+            )
+        level = below
+    return found
+
+
 def scan_tree(scan_dir: str, root: str, marker: str, *, max_depth: int = 6) -> list[FoundCase]:
-    """Every ready case at or below `root` (a bounded walk; staging folders are skipped)."""
+    """Every ready case at or below `root` (a bounded walk; staging folders are skipped).
+
+    Links are never walked: one that stays inside the scan directory leads to folders found
+    as themselves; the cases behind one that leaves it are reported (and fail unread).
+    """
+    if via_link(scan_dir, root):
+        return _cases_behind_link(scan_dir, root, marker) if outside_scan(scan_dir, root) else []
     found: list[FoundCase] = []
     base_depth = os.path.normpath(root).count(os.sep)
-    # links are walked (bounded by max_depth) only to report the cases behind them
-    for dirpath, dirnames, _files in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not is_staging_component(d)
-            and not (
-                os.path.islink(os.path.join(dirpath, d))
-                and not outside_scan(scan_dir, os.path.join(dirpath, d))
-            )
-        )
-        if os.path.normpath(dirpath).count(os.sep) - base_depth >= max_depth:
-            dirnames[:] = []
+    for dirpath, dirnames, _files in os.walk(root):
         case = check_case_dir(scan_dir, dirpath, marker)
         if case is not None:
             found.append(case)
             # a case's subfolders are deliveries, never cases of their own
+            dirnames[:] = []
+            continue
+        keep: list[str] = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if is_staging_component(d):
+                continue
+            if os.path.islink(full):
+                if outside_scan(scan_dir, full):
+                    found.extend(_cases_behind_link(scan_dir, full, marker))
+                continue
+            keep.append(d)
+        dirnames[:] = keep
+        if os.path.normpath(dirpath).count(os.sep) - base_depth >= max_depth:
             dirnames[:] = []
     return found
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -139,3 +140,27 @@ async def test_a_delivery_folder_link_out_of_the_scan_dir_fails_its_case(tmp_pat
     delivery.symlink_to(moved, target_is_directory=True)
     err = await _expect_refused(scan, str(case.case_dir))
     assert delivery.name in str(err)
+
+
+@pytest.mark.parametrize("at_start", TIMING)
+async def test_a_link_to_the_root_of_the_disk_is_not_walked(tmp_path: Path, at_start: bool) -> None:
+    scan = tmp_path / "incoming"
+    real = write_case(scan / "G1", spec("ROOT1", room=""))
+    link = scan / "G2" / "everything"
+
+    def make_link() -> None:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/", target_is_directory=True)
+
+    if at_start:
+        make_link()
+    recorder = Recorder()
+    started = time.monotonic()
+    async with watching(scan, recorder) as watcher:
+        if not at_start:
+            make_link()
+        await recorder.wait_for(real.case_dir)
+        await asyncio.sleep(QUIET_S)
+        assert watcher.last_scan_s is not None and watcher.last_scan_s < 5
+    assert time.monotonic() - started < 15
+    assert recorder.case_paths == {str(real.case_dir)}
