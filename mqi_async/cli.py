@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from mqi_async import __version__
-from mqi_async.config import Settings, effective_config, load_settings
+from mqi_async.config import IGNORE_HOST_KEYS, Settings, effective_config, load_settings
 from mqi_async.domain.errors import ConfigError, DatabaseError, MqiError
 
 EXIT_OK = 0
@@ -126,8 +126,13 @@ async def _status(settings: Settings, as_json: bool) -> int:
     health = await asyncio.to_thread(database_health, settings.database)
     if health:
         print(f"database {settings.database}: {health}")
+    unverified = {
+        h.name for h in settings.hosts if getattr(h, "known_hosts", None) == IGNORE_HOST_KEYS
+    }
     for host in doc["hosts"]:  # type: ignore[attr-defined]
         line = f"host {host['name']}: {host['state']}"
+        if host["name"] in unverified:
+            line += " [UNVERIFIED: host key not checked (known_hosts: ignore)]"
         print(line + (f" ({host['error']})" if host["error"] else ""))
     print(_status_table(doc["cases"]))  # type: ignore[arg-type]
     return EXIT_OK

@@ -38,6 +38,12 @@ COMPUTED_TPS_KEYS = frozenset(
 )
 
 
+#: `known_hosts: ignore` turns host key checks off (shown as UNVERIFIED in `status`)
+IGNORE_HOST_KEYS = "ignore"
+#: the most SSH channels a host may be given (`max_sessions`)
+MAX_SESSIONS_CAP = 64
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,6 +55,9 @@ class IngestSettings(_Section):
     fraction_window_minutes: Annotated[float, Field(ge=0)] = 60
     #: polling interval when polling (network shares); milliseconds
     poll_delay_ms: Annotated[int, Field(ge=10, le=60_000)] = 300
+    #: an RTPLAN above this size fails its case (`rtplan_too_large`); other DICOM files
+    #: (CT, images) are never read past their header
+    max_rtplan_mb: Annotated[int, Field(ge=1, le=4096)] = 64
 
 
 class _HostBase(_Section):
@@ -92,10 +101,21 @@ class _SshFields(_HostBase):
     #: a path, or the string "ignore" to disable host key checks (logged loudly)
     known_hosts: str | None = "~/.ssh/known_hosts"
     remote_root: Annotated[str, Field(min_length=1)]
-    max_sessions: Annotated[int, Field(ge=1, le=1024)] = 8
+    #: channels open at once; OpenSSH's MaxSessions defaults to 10 (MAX_SESSIONS_CAP at most)
+    max_sessions: Annotated[int, Field(ge=1)] = 8
     connect_timeout_seconds: PositiveSeconds = 15
     command_timeout_seconds: PositiveSeconds = 60
     keepalive_seconds: PositiveSeconds = 15
+
+    @field_validator("max_sessions")
+    @classmethod
+    def _sessions_cap(cls, v: int) -> int:
+        if v > MAX_SESSIONS_CAP:
+            raise ValueError(
+                f"at most {MAX_SESSIONS_CAP}; keep it below the server's MaxSessions"
+                " (sshd_config, default 10): a channel beyond it is refused"
+            )
+        return v
 
     @field_validator("remote_root")
     @classmethod
@@ -173,11 +193,26 @@ class LoggingSettings(_Section):
     directory: Path = Path("data/logs")
     max_file_mb: Annotated[int, Field(ge=1)] = 20
     backup_count: Annotated[int, Field(ge=0)] = 5
+    #: for logs shipped off the hospital's systems: case ids (patient ids) in log lines are
+    #: replaced by the opaque case key the hosts see
+    redact_patient_ids: bool = False
 
     @field_validator("level", mode="before")
     @classmethod
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
+
+
+class RetentionSettings(_Section):
+    """What is deleted, and when; the scan directory never is."""
+
+    #: a finished beam's attempt folder on its host goes once its dose is downloaded and
+    #: converted; a failed attempt's folder stays this many days for diagnosis
+    remote_failed_days: Annotated[float, Field(ge=0)] = 7
+    #: days a finished case's folder under work_directory is kept; null keeps it forever
+    work_days: Annotated[float, Field(ge=0)] | None = None
+    #: how often retention looks for what to remove
+    sweep_seconds: Annotated[float, Field(gt=0)] = 600
 
 
 def default_moqui() -> dict[str, str | int | float | bool]:
@@ -237,6 +272,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     ui: UiSettings = UiSettings()
     logging: LoggingSettings = LoggingSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     #: folder of the config file; relative paths were resolved against it
     config_dir: Path = Field(default=Path("."), exclude=True)

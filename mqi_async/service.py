@@ -23,15 +23,20 @@ from mqi_async.config import (
     SlurmHostSettings,
     SshHostSettings,
 )
+from mqi_async.domain.privacy import case_key
+from mqi_async.domain.retention import RetentionPolicy
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings
 from mqi_async.engine.engine import Engine, EngineSettings
 from mqi_async.engine.ports import Host
+from mqi_async.engine.retention import RetentionSettings, RetentionSweeper
 from mqi_async.engine.workflow import WorkflowSettings
+from mqi_async.folders import make_private_dirs
 from mqi_async.ingest.reader import FoundCase
 from mqi_async.ingest.watcher import CaseWatcher
-from mqi_async.log import configure_logging, remove_handlers
+from mqi_async.log import configure_logging, learn_patient_ids, remove_handlers
 from mqi_async.store import Store
+from mqi_async.store.secret import load_or_create_secret
 from mqi_async.tools import DoseWorker, LocalToolRunner, Tools
 
 log = logging.getLogger(__name__)
@@ -88,7 +93,9 @@ def service_owner(database: Path) -> str:
     return f"{digest} {node}:{where}".replace("\n", " ")
 
 
-def engine_settings(settings: Settings, hosts: dict[str, Host]) -> EngineSettings:
+def engine_settings(
+    settings: Settings, hosts: dict[str, Host], case_key_secret: bytes
+) -> EngineSettings:
     stale_s = settings.gpu.poll_seconds * settings.gpu.stale_after_polls
     policies = {
         h.name: GpuPolicy(
@@ -113,6 +120,7 @@ def engine_settings(settings: Settings, hosts: dict[str, Host]) -> EngineSetting
             step_timeout_s=max(600.0, settings.runs.timeout_seconds),
             work_directory=settings.work_directory,
             service_owner=service_owner(settings.database),
+            case_key_secret=case_key_secret,
         ),
         cases=CaseSettings(
             work_directory=settings.work_directory,
@@ -139,6 +147,7 @@ class Service:
     started_at: datetime
     state: str = "starting"
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    retention: RetentionSweeper | None = None
 
     def request_stop(self) -> None:
         self.state = "stopping"
@@ -162,8 +171,7 @@ async def _start_hosts(hosts: dict[str, Host]) -> None:
 async def open_service(settings: Settings) -> AsyncIterator[Service]:
     """Build the service's objects; close hosts and the database on the way out."""
     for d in (settings.work_directory, settings.database.parent):
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
+        make_private_dirs(d)
     store = await Store.open(settings.database)
     hosts: dict[str, Host] = {}
     dose_worker: DoseWorker | None = None
@@ -178,18 +186,41 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             log.error("tool check: %s", p)
         from mqi_async.ingest.reader import CaseReader
 
+        secret = load_or_create_secret(settings.database)
+
         engine = Engine(
             store=store,
             hosts=hosts,
             tools=tools,
             source=CaseReader(
-                fraction_window=timedelta(minutes=settings.ingest.fraction_window_minutes)
+                scan_directory=settings.scan_directory,
+                max_plan_bytes=settings.ingest.max_rtplan_mb * 1024 * 1024,
+                fraction_window=timedelta(minutes=settings.ingest.fraction_window_minutes),
             ),
             clock=SystemClock(),
-            settings=engine_settings(settings, hosts),
+            settings=engine_settings(settings, hosts, secret),
+        )
+        retention = RetentionSweeper(
+            store=store,
+            hosts=hosts,
+            clock=SystemClock(),
+            settings=RetentionSettings(
+                policy=RetentionPolicy(
+                    remote_failed_days=settings.retention.remote_failed_days,
+                    work_days=settings.retention.work_days,
+                ),
+                sweep_s=settings.retention.sweep_seconds,
+                work_directory=settings.work_directory,
+                scan_directory=settings.scan_directory,
+            ),
+            case_key=lambda case: case_key(secret, case.case_id),
         )
 
+        # ids the redactor (logging.redact_patient_ids) must know before they are logged
+        learn_patient_ids(*(i for c in await store.list_cases() for i in (c.case_id, c.patient_id)))
+
         async def on_case(case: FoundCase, new_ptn: bool) -> None:
+            learn_patient_ids(case.case_id)
             await engine.register_case(
                 case_id=case.case_id,
                 case_path=case.case_path,
@@ -208,6 +239,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             watcher=watcher,
             hosts=hosts,
             started_at=datetime.now(UTC),
+            retention=retention,
         )
     finally:
         if dose_worker is not None:
@@ -232,6 +264,11 @@ async def run_until_stopped(
             engine_task = tg.create_task(service.engine.run())
             watcher_task = tg.create_task(_supervised_watcher(service))
             ui_task = tg.create_task(ui(service)) if ui is not None else None
+            retention_task = (
+                tg.create_task(_supervised("retention", service.retention.run))
+                if service.retention is not None
+                else None
+            )
             service.state = "running"
             log.info(
                 "mqi-async running: %d host(s), scan %s",
@@ -242,12 +279,27 @@ async def run_until_stopped(
             log.info(
                 "stopping: intake closed, remote runs continue and are re-attached at the next start"
             )
-            for task in (watcher_task, engine_task, ui_task):
+            for task in (watcher_task, engine_task, ui_task, retention_task):
                 if task is not None:
                     task.cancel()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _supervised(what: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a background loop; a crash is logged and the loop restarted, never fatal."""
+    delay = 1.0
+    while True:
+        try:
+            await run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s crashed; restarting in %.0f s", what, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
 
 async def _supervised_watcher(service: Service) -> None:
@@ -278,12 +330,17 @@ def run_service(settings: Settings, *, headless: bool) -> int:
     """`mqi-async run`: 0 after a graceful stop, 2 when another instance holds the database."""
     # everything the service creates (database, logs, work files) is private to its user
     os.umask(0o077)
+    redact_secret = None
+    if settings.logging.redact_patient_ids:
+        make_private_dirs(settings.database.parent)
+        redact_secret = load_or_create_secret(settings.database)
     handlers = configure_logging(
         level=settings.logging.level,
         directory=settings.logging.directory,
         stdout=sys.stdout if headless else None,
         max_file_mb=settings.logging.max_file_mb,
         backup_count=settings.logging.backup_count,
+        redact_secret=redact_secret,
     )
     # a stop request before the event loop takes over the signals still ends cleanly
     previous = {

@@ -81,6 +81,8 @@ class SshdServer:
     is_openssh: bool
     argv: list[str]
     log_path: Path
+    #: the umask sessions get (sshd passes its own on; UsePAM is off): None = this process's
+    login_umask: int | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def endpoint(self, name: str = "test", **overrides: object) -> SshEndpoint:
@@ -112,6 +114,7 @@ class SshdServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=_REPO_ROOT,
+                umask=-1 if self.login_umask is None else self.login_umask,
             )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -146,8 +149,12 @@ class SshdServer:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def start_sshd() -> SshdServer:
-    """Generate keys and config, start sshd (or the asyncssh stand-in) and wait for its port."""
+def start_sshd(*, login_umask: int | None = None, extra_config: tuple[str, ...] = ()) -> SshdServer:
+    """Generate keys and config, start sshd (or the asyncssh stand-in) and wait for its port.
+
+    `login_umask` is the umask of every login session (a server's `UMASK` in login.defs);
+    `extra_config` lines are appended to sshd_config (OpenSSH only).
+    """
     work = Path(tempfile.mkdtemp(prefix="mqi-sshd-"))
     # sshd reads authorized_keys as the login user; pytest's 0700 tmp dirs would block it
     work.chmod(0o755)
@@ -181,6 +188,7 @@ def start_sshd() -> SshdServer:
             f"Subsystem sftp {sftp}",
             "LogLevel INFO",
             # MaxSessions and MaxStartups stay at their defaults (10, 10:30:100) on purpose
+            *extra_config,
         ]
         if os.geteuid() == 0:
             lines.append("PermitRootLogin prohibit-password")
@@ -209,6 +217,7 @@ def start_sshd() -> SshdServer:
         is_openssh=sshd is not None,
         argv=argv,
         log_path=work / "sshd.log",
+        login_umask=login_umask,
     )
     try:
         server.start()

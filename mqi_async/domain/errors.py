@@ -195,6 +195,32 @@ FAILURES: dict[str, FailureInfo] = {
     "kill_pending": FailureInfo(
         _H, "A kill could not reach the host; it is sent again when the host is back."
     ),
+    # privacy and hostile input
+    "case_key_unreadable": FailureInfo(
+        _P,
+        "The file `<database>.key` that names cases on hosts is unreadable or damaged;"
+        " restore it with the database (without it the service cannot find old remote folders).",
+    ),
+    "invalid_beam_name": FailureInfo(
+        _P,
+        "A plan field that becomes a file name (BeamName, …) holds a path separator, `..`, a"
+        " control or non-ASCII character, or is too long; fix it in the TPS, re-export, retry.",
+    ),
+    "rtplan_too_large": FailureInfo(
+        _P,
+        "The RTPLAN is larger than `ingest.max_rtplan_mb`; check the export (a plan is"
+        " rarely above a few MiB) or raise the limit, then retry.",
+    ),
+    "symlink_outside_scan": FailureInfo(
+        _P,
+        "The case folder (or a file in it) is a symbolic link that leaves the scan directory;"
+        " links are never followed there. Copy the data into the scan directory instead.",
+    ),
+    "ssh_negotiation_failed": FailureInfo(
+        _H,
+        "The SSH client and server share no key-exchange, cipher or host-key algorithm;"
+        " update the server's OpenSSH or its allowed algorithms.",
+    ),
 }
 
 

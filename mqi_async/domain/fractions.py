@@ -428,9 +428,10 @@ def _match_deliveries(plan: Plan, inputs: list[DeliveryInput]) -> list[Delivery]
                 problems.setdefault("planinfo_invalid", []).append(f"{name}: {exc.detail}")
                 continue
             if info.patient_id.strip() != plan_patient:
+                # the ids stay out of the text: errors travel to status, logs and notifications
                 problems.setdefault("patient_id_mismatch", []).append(
-                    f"{name} has DICOM_PATIENT_ID {info.patient_id.strip()!r}, "
-                    f"the RTPLAN has PatientID {plan_patient!r}"
+                    f"{name}: its PlanInfo.txt DICOM_PATIENT_ID differs from the RTPLAN's"
+                    " PatientID (compare the two files)"
                 )
                 continue
         try:

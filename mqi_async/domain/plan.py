@@ -13,8 +13,10 @@ from pathlib import Path, PurePosixPath
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from mqi_async.domain.errors import IngestError
+from mqi_async.domain.naming import file_name_problem, quote_value
 
 RT_ION_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.8"
 RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
@@ -201,6 +203,15 @@ def _plan_from_dataset(ds: Dataset, source: str) -> Plan:
         if is_setup_beam(name, description, _text(item, "TreatmentDeliveryType")):
             setup_numbers.append(number)
             continue
+        problem = file_name_problem(name)
+        if problem is not None:
+            # MOQUI names its output after it and the service its RT Dose file: `../x`
+            # would write outside the attempt folder
+            raise IngestError(
+                "invalid_beam_name",
+                f"{source}: BeamName {quote_value(name)} of beam {number} {problem};"
+                " fix it in the TPS and export the plan again",
+            )
         control_points = _control_points(item)
         beams.append(
             PlanBeam(
@@ -319,6 +330,9 @@ def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
+    if isinstance(value, MultiValue):
+        # a backslash in a text value splits it into values; keep the text as it was sent
+        return "\\".join(str(v) for v in value).strip()
     return str(value).strip()
 
 

@@ -40,14 +40,18 @@ class CaseDirs:
 
 @dataclass(frozen=True, slots=True)
 class RemoteDirs:
-    """Folders on a host: remote_root/<case>/inputs and remote_root/<case>/<beam>/<attempt>."""
+    """Folders on a host: remote_root/<key>/inputs and remote_root/<key>/<beam>/<attempt>.
+
+    `<key>` is the case's opaque key (domain.privacy.case_key), never its id: other users of
+    a host see folder names and command lines.
+    """
 
     case_root: PurePosixPath
     beam_stem: str
 
     @classmethod
-    def of(cls, remote_root: str, case: CaseRow, beam: BeamRow) -> RemoteDirs:
-        return cls(PurePosixPath(remote_root) / case.safe_name, f"beam_{beam.beam_index}")
+    def of(cls, remote_root: str, case_key: str, beam: BeamRow) -> RemoteDirs:
+        return cls(PurePosixPath(remote_root) / case_key, f"beam_{beam.beam_index}")
 
     @property
     def inputs(self) -> str:

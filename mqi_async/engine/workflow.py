@@ -22,6 +22,7 @@ from mqi_async.domain.errors import (
 )
 from mqi_async.domain.jobs import JobHandle, JobSpec, JobState, JobStatus
 from mqi_async.domain.model import BeamStatus, RunStatus
+from mqi_async.domain.privacy import case_key
 from mqi_async.domain.records import BeamRow, CaseRow, RunRow
 from mqi_async.domain.scheduling import RUN_PROGRESS_START, decide_retry, run_progress
 from mqi_async.domain.slurm import failure_code as slurm_failure_code
@@ -70,6 +71,8 @@ class WorkflowSettings:
     backoff_max_s: float
     step_timeout_s: float
     work_directory: Path
+    #: keys the opaque case names used on hosts (store.secret, `<database>.key`)
+    case_key_secret: bytes
     #: `<service id> <who>`: claims cases on hosts (see domain/claims.py); "" claims nothing
     service_owner: str = ""
 
@@ -168,6 +171,10 @@ class BeamWorkflow:
     def forget_uploads(self, case_id: str) -> None:
         self._uploads.forget(case_id)
 
+    def case_key(self, case: CaseRow) -> str:
+        """The case's name on hosts (folders, command lines, job names)."""
+        return case_key(self._s.case_key_secret, case.case_id)
+
     async def run(self, beam_id: str) -> None:
         """Advance the beam until it is terminal, paused, or still pending its case."""
         while True:
@@ -242,10 +249,12 @@ class BeamWorkflow:
 
     async def _upload(self, beam: BeamRow, case: CaseRow) -> Step:
         dirs = CaseDirs.of(self._s.work_directory, case)
-        for host in self._hosts.values():
+        # Sent ahead (while the beam waits for a GPU) only where it will run: with one host.
+        # With several, patient data goes only to the host a beam is granted, at launch.
+        for host in self._hosts.values() if len(self._hosts) == 1 else ():
             if not host.is_available():
                 continue
-            remote = RemoteDirs.of(host.remote_root, case, beam)
+            remote = RemoteDirs.of(host.remote_root, self.case_key(case), beam)
             try:
                 await self._uploads.ensure(host, case, dirs.csv, remote.inputs)
             except MqiError as exc:
@@ -278,7 +287,7 @@ class BeamWorkflow:
     async def _launch(self, beam: BeamRow, case: CaseRow) -> Step:
         assert beam.host is not None
         host = self._hosts[beam.host]
-        remote = RemoteDirs.of(host.remote_root, case, beam)
+        remote = RemoteDirs.of(host.remote_root, self.case_key(case), beam)
         run = await self._latest_run(beam.beam_id)
         if run is not None and run.status == RunStatus.LAUNCHING:
             # we crashed (or lost the host) around the spawn: adopt what started; otherwise the
@@ -324,7 +333,8 @@ class BeamWorkflow:
             argv=argv,
             env=tuple(env),
             files=(("moqui_tps.in", tps),),
-            name=f"mqi-{case.safe_name}-b{beam.beam_index}",
+            # ps and squeue show it to every user of the host: the opaque key, never the id
+            name=f"mqi-{self.case_key(case)}-b{beam.beam_index}",
             time_limit_s=self._s.run_timeout_s,
         )
         try:

@@ -31,6 +31,9 @@ LAUNCH_WAIT_S = 10
 _RECORD = "MQIJOB"
 _NOW = "MQINOW"
 _FENCED = "MQIFENCED"
+#: every remote script starts with this: files and folders the service (and MOQUI, which
+#: inherits it) makes on a host are 0600/0700 whatever the login umask is
+PRIVATE_UMASK = "umask 077"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BOOT_ID = "cat /proc/sys/kernel/random/boot_id 2>/dev/null"
 
@@ -104,7 +107,7 @@ def check_text(value: str, what: str) -> None:
 
 def sh_command(script: str) -> str:
     """The command line that runs `script` under POSIX sh, whatever the login shell is."""
-    return "/bin/sh -c " + shlex.quote(script)
+    return "/bin/sh -c " + shlex.quote(f"{PRIVATE_UMASK}\n{script}")
 
 
 def timed_command(argv: Sequence[str], *, timeout_s: float) -> str:
@@ -114,7 +117,7 @@ def timed_command(argv: Sequence[str], *, timeout_s: float) -> str:
     for a in argv:
         check_text(a, "argument")
     limit = max(1, math.ceil(timeout_s))
-    return f"timeout -k 5 {limit} {quote_argv(argv)} </dev/null"
+    return f"{PRIVATE_UMASK}; timeout -k 5 {limit} {quote_argv(argv)} </dev/null"
 
 
 def chunks(items: Sequence[str], *, max_chars: int = MAX_SCRIPT_CHARS // 2) -> list[list[str]]:
@@ -160,6 +163,7 @@ def launch_script(spec: JobSpec) -> str:
     d = quote_path(spec.job_dir)
     cwd = quote_path(spec.cwd) if spec.cwd else '"$d"'
     lines = [
+        PRIVATE_UMASK,
         f"d={d}",
         'mkdir -p -- "$d" || exit 3',
         'if [ -s "$d/pgid" ]; then printf "MQIPGID %s\\n" "$(sed -n 1p "$d/pgid")"; exit 0; fi',

@@ -93,6 +93,7 @@ _BATCH = (
     """\
 #!/bin/sh
 # mqi-async: one MOQUI attempt as a Slurm batch job; writes exit_code like a detached run
+umask 077
 d=JOB_DIR
 cd -- "$d" || exit 126
 if ! mkdir CLAIM 2>/dev/null; then
@@ -417,6 +418,7 @@ class SlurmHost:
         text = batch_script(spec)
         d = jobs.quote_path(spec.job_dir)
         lines = [
+            jobs.PRIVATE_UMASK,
             f"d={d}",
             'mkdir -p -- "$d" || exit 3',
             _read_id_lines(),

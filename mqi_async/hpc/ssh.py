@@ -312,8 +312,11 @@ class SshPool:
         except HostUnavailableError as exc:
             self._fail(exc)
             raise
-        except (asyncssh.HostKeyNotVerifiable, asyncssh.KeyExchangeFailed) as exc:
+        except asyncssh.HostKeyNotVerifiable as exc:
             raise self._fail(self._error("host_key_mismatch", exc)) from exc
+        except asyncssh.KeyExchangeFailed as exc:
+            # no algorithm in common: not a wrong key, and no reason to distrust the server
+            raise self._fail(self._error("ssh_negotiation_failed", exc)) from exc
         except (
             asyncssh.PermissionDenied,
             asyncssh.KeyImportError,

@@ -34,6 +34,8 @@ MIN_RATE_BPS = 1_000_000
 _BASE_TIMEOUT_S = 60.0
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+#: the mode of every file uploaded to a host (folders are made 0700 under `umask 077`)
+PRIVATE_FILE_MODE = 0o600
 _HEX = frozenset("0123456789abcdef")
 # openssl uses the CPU's SHA instructions (about 6x coreutils' sha256sum); it is used when it
 # is there and gives the right answer for empty input, else sha256sum
@@ -392,6 +394,8 @@ async def _put(
             sparse=False,
             progress_handler=meter.handler(f.rel),
         )
+        # sftp-server creates files under the login umask (often 022); patient data is 0600
+        await sftp.chmod(sftp_path(part), PRIVATE_FILE_MODE)
     except (asyncssh.SFTPNoSpaceOnFilesystem, asyncssh.SFTPQuotaExceeded) as exc:
         raise TransientError("disk_full", f"host {pool.name}: no space for {part}") from exc
     except asyncssh.SFTPConnectionLost:

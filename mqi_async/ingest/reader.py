@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pydicom
+
 from mqi_async.domain.errors import IngestError
 from mqi_async.domain.fractions import DeliveryInput, Waiting, resolve_case
 from mqi_async.domain.plan import find_rtplan_candidates, select_rtplan
@@ -22,8 +24,10 @@ from mqi_async.ingest.layout import (
     safe_name,
 )
 
-#: an RTPLAN larger than this is not a plan (protects memory from a stray image series)
-_MAX_PLAN_BYTES = 64 * 1024 * 1024
+#: the default of `ingest.max_rtplan_mb`
+DEFAULT_MAX_PLAN_BYTES = 64 * 1024 * 1024
+#: values above this are skipped, not read, while a candidate's header is looked at
+_DEFER_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +61,22 @@ def _listing(path: str) -> tuple[list[str], list[str]]:
     return files, dirs
 
 
+def outside_scan(scan_dir: str, path: str) -> bool:
+    """Whether `path`, with every symbolic link resolved, leaves the scan directory."""
+    real = os.path.realpath(path)
+    base = os.path.realpath(scan_dir)
+    return real != base and not real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def via_link(scan_dir: str, path: str) -> bool:
+    """Whether some folder between the scan directory and `path` (or `path`) is a link."""
+    relative = os.path.relpath(os.path.normpath(path), os.path.normpath(scan_dir))
+    base = os.path.realpath(scan_dir)
+    return os.path.realpath(path) != (
+        base if relative == os.curdir else os.path.join(base, relative)
+    )
+
+
 def is_scan_root_or_room(scan_dir: str, path: str) -> bool:
     """True for the scan directory itself and for a room folder (`G1`, `G2`) right below it:
     neither is ever a case, and a marker in them marks nothing."""
@@ -67,6 +87,11 @@ def is_scan_root_or_room(scan_dir: str, path: str) -> bool:
 def check_case_dir(scan_dir: str, path: str, marker: str) -> FoundCase | None:
     """The ready case at `path`, or None when it is not a case or not ready yet."""
     if is_scan_root_or_room(scan_dir, path):
+        return None
+    # One link policy, start-up and live alike: a folder reached through a link is never a
+    # case of its own when the link stays inside (its target is found as itself); one that
+    # leaves is reported, and CaseReader fails it (`symlink_outside_scan`) without reading it.
+    if via_link(scan_dir, path) and not outside_scan(scan_dir, path):
         return None
     files, dirs = _listing(path)
     subdir_files = {
@@ -94,18 +119,66 @@ def check_case_dir(scan_dir: str, path: str, marker: str) -> FoundCase | None:
     )
 
 
+#: levels below a link out of the scan directory looked at for cases (room, patient, study)
+_LINK_DEPTH = 2
+#: folders looked at behind one such link at most (a link to `/` must not walk the disk)
+_LINK_MAX_FOLDERS = 200
+
+
+def _cases_behind_link(scan_dir: str, link: str, marker: str) -> list[FoundCase]:
+    """The cases at or just below a link out of the scan directory, found only so that they
+    fail visibly (CaseReader refuses to read them); no further link is followed."""
+    found: list[FoundCase] = []
+    level = [link]
+    looked = 0
+    for _ in range(_LINK_DEPTH + 1):
+        below: list[str] = []
+        for folder in level:
+            looked += 1
+            if looked > _LINK_MAX_FOLDERS:
+                return found
+            case = check_case_dir(scan_dir, folder, marker)
+            if case is not None:
+                found.append(case)
+                continue
+            below.extend(
+                os.path.join(folder, d)
+                for d in sorted(_listing(folder)[1])
+                if not is_staging_component(d)
+            )
+        level = below
+    return found
+
+
 def scan_tree(scan_dir: str, root: str, marker: str, *, max_depth: int = 6) -> list[FoundCase]:
-    """Every ready case at or below `root` (a bounded walk; staging folders are skipped)."""
+    """Every ready case at or below `root` (a bounded walk; staging folders are skipped).
+
+    Links are never walked: one that stays inside the scan directory leads to folders found
+    as themselves; the cases behind one that leaves it are reported (and fail unread).
+    """
+    if via_link(scan_dir, root):
+        return _cases_behind_link(scan_dir, root, marker) if outside_scan(scan_dir, root) else []
     found: list[FoundCase] = []
     base_depth = os.path.normpath(root).count(os.sep)
     for dirpath, dirnames, _files in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not is_staging_component(d))
-        if os.path.normpath(dirpath).count(os.sep) - base_depth >= max_depth:
-            dirnames[:] = []
         case = check_case_dir(scan_dir, dirpath, marker)
         if case is not None:
             found.append(case)
             # a case's subfolders are deliveries, never cases of their own
+            dirnames[:] = []
+            continue
+        keep: list[str] = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if is_staging_component(d):
+                continue
+            if os.path.islink(full):
+                if outside_scan(scan_dir, full):
+                    found.extend(_cases_behind_link(scan_dir, full, marker))
+                continue
+            keep.append(d)
+        dirnames[:] = keep
+        if os.path.normpath(dirpath).count(os.sep) - base_depth >= max_depth:
             dirnames[:] = []
     return found
 
@@ -134,20 +207,75 @@ def check_candidates(scan_dir: str, paths: list[str], marker: str) -> list[Found
     return list(seen.values())
 
 
-def _read_case_files(case_path: str) -> tuple[list[tuple[str, bytes]], list[DeliveryInput]]:
-    files, dirs = _listing(case_path)
-    names = list(files)
-    for d in dirs:
-        names.extend(f"{d}/{f}" for f in _listing(os.path.join(case_path, d))[0])
+def _escaping_links(scan_dir: str, case_path: str) -> list[str]:
+    """Links in the case folder or its delivery folders that point out of the scan directory."""
+    found: list[str] = []
+    for folder in (case_path, *(os.path.join(case_path, d) for d in _listing(case_path)[1])):
+        try:
+            with os.scandir(folder) as it:
+                found.extend(
+                    os.path.relpath(entry.path, case_path)
+                    for entry in it
+                    if entry.is_symlink() and outside_scan(scan_dir, entry.path)
+                )
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def _header_modality(path: str) -> str | None:
+    """The Modality of a DICOM file from its header alone (pixels and big values are never
+    read), or None when the header cannot be read."""
+    try:
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, defer_size=_DEFER_BYTES, specific_tags=["Modality"]
+        )
+    except Exception:  # pydicom raises many types for a broken or foreign file
+        return None
+    value = ds.get("Modality")
+    return str(value).strip() if value is not None else ""
+
+
+def _plan_candidates(case_path: str, names: list[str], max_bytes: int) -> list[tuple[str, bytes]]:
+    """The candidates select_rtplan looks at: every RTPLAN read whole, nothing else.
+
+    A file whose header says another Modality (a CT or image series) is skipped after its
+    header; one whose header is unreadable is passed on only when it is small, so that a
+    broken plan is still reported as such.
+    """
     candidates: list[tuple[str, bytes]] = []
     for name in find_rtplan_candidates(names):
         full = os.path.join(case_path, name)
         try:
-            if os.path.getsize(full) > _MAX_PLAN_BYTES:
-                continue
+            size = os.path.getsize(full)
+        except OSError:
+            continue
+        modality = _header_modality(full)
+        if modality is not None and modality != "RTPLAN":
+            continue
+        if size > max_bytes:
+            if modality == "RTPLAN":
+                raise IngestError(
+                    "rtplan_too_large",
+                    f"{name} is {size / 2**20:.1f} MiB, above the {max_bytes / 2**20:.0f} MiB"
+                    " of ingest.max_rtplan_mb",
+                )
+            continue
+        try:
             candidates.append((name, Path(full).read_bytes()))
         except OSError:
             continue
+    return candidates
+
+
+def _read_case_files(
+    case_path: str, max_plan_bytes: int
+) -> tuple[list[tuple[str, bytes]], list[DeliveryInput]]:
+    files, dirs = _listing(case_path)
+    names = list(files)
+    for d in dirs:
+        names.extend(f"{d}/{f}" for f in _listing(os.path.join(case_path, d))[0])
+    candidates = _plan_candidates(case_path, names, max_plan_bytes)
     deliveries: list[DeliveryInput] = []
     for d in sorted(dirs):
         if is_staging_component(d):
@@ -169,8 +297,16 @@ def _read_case_files(case_path: str) -> tuple[list[tuple[str, bytes]], list[Deli
 class CaseReader:
     """The engine's CaseSource: reads a case folder in a worker thread, resolves it purely."""
 
-    def __init__(self, *, fraction_window: timedelta) -> None:
+    def __init__(
+        self,
+        *,
+        scan_directory: Path,
+        fraction_window: timedelta,
+        max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES,
+    ) -> None:
+        self._scan = str(scan_directory)
         self._window = fraction_window
+        self._max_plan_bytes = max_plan_bytes
 
     async def resolve(
         self, case_id: str, case_path: str, *, now: datetime
@@ -180,7 +316,20 @@ class CaseReader:
     def _resolve_sync(self, case_path: str, now: datetime) -> ResolvedCase | Waiting:
         if not os.path.isdir(case_path):
             raise IngestError("missing_rtplan", f"the case folder {case_path} is gone")
-        candidates, deliveries = _read_case_files(case_path)
+        if outside_scan(self._scan, case_path):
+            raise IngestError(
+                "symlink_outside_scan",
+                f"{case_path} is reached through a link to {os.path.realpath(case_path)},"
+                " outside the scan directory; nothing of it was read",
+            )
+        links = _escaping_links(self._scan, case_path)
+        if links:
+            shown = ", ".join(links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
+            raise IngestError(
+                "symlink_outside_scan",
+                f"{case_path}: {shown} link(s) out of the scan directory; nothing was read",
+            )
+        candidates, deliveries = _read_case_files(case_path, self._max_plan_bytes)
         plan = select_rtplan(candidates)
         plan_name = plan.source
         # the plan's own folder is never a delivery

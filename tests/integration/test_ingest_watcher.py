@@ -209,9 +209,11 @@ async def test_marked_case_with_hundreds_of_events_is_registered_once(tmp_path: 
                 dict(settings.moqui),
                 DoseWorker(timeout_s=60),
             ),
-            source=CaseReader(fraction_window=timedelta(minutes=60)),
+            source=CaseReader(
+                scan_directory=settings.scan_directory, fraction_window=timedelta(minutes=60)
+            ),
             clock=SystemClock(),
-            settings=engine_settings(settings, {}),
+            settings=engine_settings(settings, {}, bytes(32)),
         )
 
         async def register(case: FoundCase, new_ptn: bool) -> None:

@@ -17,8 +17,10 @@ import pytest
 
 from mqi_async.config import Settings, load_settings
 from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
+from mqi_async.domain.privacy import case_key
 from mqi_async.domain.records import RunRow
 from mqi_async.service import Service
+from mqi_async.store.secret import secret_path
 from tests.e2e import running_service, wait_until
 from tests.slurm_cluster import (
     BIN,
@@ -137,13 +139,29 @@ def check_rt_dose(path: str) -> None:
     assert ds.pixel_array.shape == (10, 16, 20)
 
 
+def job_name_part(rig: Rig, case_id: str) -> str:
+    """What a case's Slurm job names hold: its opaque key, never its id."""
+    return f"mqi-{case_key(secret_path(rig.root / 'mqi.db').read_bytes(), case_id)}-b"
+
+
+async def sample_queue_names(cluster: SlurmCluster, seen: list[str]) -> None:
+    """`squeue`'s job names, as every user of the cluster sees them, until cancelled."""
+    while True:
+        out = await asyncio.to_thread(cluster.cmd, "squeue", "-h", "-o", "%j", check=False)
+        seen.extend(out.split())
+        await asyncio.sleep(0.2)
+
+
 async def test_twelve_beams_on_four_gpus(tmp_path: Path, cluster: SlurmCluster) -> None:
     rig = make_rig(tmp_path, cluster, run_seconds=3, max_jobs=16)
     for i in range(3):
         drop_case(rig.scan, f"SL{i}", beams=4)
+    queue_names: list[str] = []
     async with running_service(rig.settings()) as svc:
+        sampler = asyncio.create_task(sample_queue_names(cluster, queue_names))
         async with ConcurrencyProbe(cluster, rig.state_dir) as probe:
             await wait_until(lambda: all_done(3)(svc), timeout_s=240, what="12 beams")
+        sampler.cancel()
         snapshot = await svc.store.snapshot()
         runs = await all_runs(svc)
         slots = svc.engine.scheduler._slots["cluster"]  # the queue slots the engine holds
@@ -165,7 +183,15 @@ async def test_twelve_beams_on_four_gpus(tmp_path: Path, cluster: SlurmCluster) 
     assert len(runs) == 12 and all(r.status == RunStatus.SUCCEEDED for r in runs)
     # one sbatch per beam; the recorded job ids are Slurm's
     job_ids = sorted(r.job_id or "" for r in runs)
-    assert sorted(submitted_job_ids(cluster, "mqi-SL")) == job_ids
+    assert (
+        sorted(
+            j for i in range(3) for j in submitted_job_ids(cluster, job_name_part(rig, f"SL{i}"))
+        )
+        == job_ids
+    )
+    # squeue (cluster-wide) showed our jobs during the run, and never a patient id
+    assert len(queue_names) > 10 and all(n.startswith("mqi-c") for n in queue_names)
+    assert not [n for n in queue_names if "SL" in n]
     for r in runs:
         tps = (Path(r.job_dir) / "moqui_tps.in").read_text()
         assert "GPUID 0" in tps
@@ -287,7 +313,7 @@ async def test_controller_restart_and_service_restart_reattach(
     assert len(beams) == 8 and all(b.attempts == 1 for b in beams)
     assert len(runs) == 8 and all(r.status == RunStatus.SUCCEEDED for r in runs)
     # nothing was submitted twice: 8 jobs in Slurm's completion log, one per attempt directory
-    assert len(submitted_job_ids(cluster, "mqi-RST")) == 8
+    assert sum(len(submitted_job_ids(cluster, job_name_part(rig, f"RST{i}"))) for i in (0, 1)) == 8
     for r in runs:
         assert (Path(r.job_dir) / "slurm.claim" / "job_id").read_text().strip() == r.job_id
 

@@ -478,7 +478,7 @@ def test_earlier_complete_fraction_does_not_wait_for_later_pending() -> None:
         pytest.param(
             lambda: [delivery(2, T0), delivery(3, T0 + HOUR / 10, patient="OTHER")],
             "patient_id_mismatch",
-            "'OTHER'",
+            "differs from the RTPLAN's PatientID",
             id="patient",
         ),
         pytest.param(
@@ -572,3 +572,11 @@ def test_folders_without_planinfo_are_inferred() -> None:
 )
 def test_infer_beam_number(folder: str, number: int | None) -> None:
     assert infer_beam_number(folder, make_plan((2, 3))) == number
+
+
+def test_patient_id_mismatch_names_the_folder_but_no_patient_id() -> None:
+    plan = make_plan((2, 3))
+    inputs = [delivery(2, T0), delivery(3, T0 + HOUR / 10, patient="OTHER9")]
+    error = expect_code("patient_id_mismatch", plan, inputs, T0 + 2 * HOUR)
+    assert stamp(T0 + HOUR / 10) in str(error)
+    assert "OTHER9" not in str(error) and PATIENT not in str(error)
