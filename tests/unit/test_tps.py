@@ -231,8 +231,12 @@ def test_relative_mode_refuses_dirs_outside_parent_dir() -> None:
 
 def test_settings_defaults_render_and_parse_back() -> None:
     static = Settings().moqui
+    # relative paths: UseAbsolutePath true aborts the public MOQUI fork
+    assert static["UseAbsolutePath"] is False
     text = render_tps_input(static, COMPUTED)
-    assert parse_tps_input(text) == _expected(dict(static), COMPUTED)
+    want = _expected(dict(static), COMPUTED)
+    want.update(DicomDir="plan", logFilePath="log")
+    assert parse_tps_input(text) == want
 
 
 _KEY = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,20}", fullmatch=True).filter(
