@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: install run demo test test-fast lint format bench check clean
+.PHONY: install run demo test test-fast lint format bench check clean real-moqui
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: install
 	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider -o addopts="" --timeout=1800
 
 check: lint test
+
+# optional, not in CI: build the public MOQUI fork CPU-only from MOQUI_SRC and run one demo
+# case through it (deploy/real-moqui.sh); without MOQUI_SRC it says why it skips
+real-moqui: install
+	MOQUI_SRC="$(MOQUI_SRC)" PYTHON="$(abspath $(BIN)/python)" deploy/real-moqui.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
