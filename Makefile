@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: install run demo test test-fast lint format bench soak check clean image image-test
+.PHONY: install run demo test test-fast lint format bench soak check clean image image-test real-moqui
 
 install: $(STAMP)
 
@@ -53,6 +53,11 @@ image:
 # runs the built image for real (tests/image; skipped by `make test`); `make image` first
 image-test: install
 	MQI_IMAGE_TEST=1 $(BIN)/python -m pytest tests/image -p no:cacheprovider -s $(PYTEST_ARGS)
+
+# optional, not in CI: build the public MOQUI fork CPU-only from MOQUI_SRC and run one demo
+# case through it (deploy/real-moqui.sh); without MOQUI_SRC it says why it skips
+real-moqui: install
+	MOQUI_SRC="$(MOQUI_SRC)" PYTHON="$(abspath $(BIN)/python)" deploy/real-moqui.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

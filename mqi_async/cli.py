@@ -77,7 +77,7 @@ def _load(path: Path) -> Settings:
 
 
 def _check_config(path: Path) -> int:
-    from mqi_async.domain.tps import unread_keys
+    from mqi_async.domain.tps import compatibility_warnings, unread_keys
 
     try:
         settings = load_settings(path)
@@ -91,6 +91,8 @@ def _check_config(path: Path) -> int:
         print(
             f"warning: moqui.{key}: MOQUI never reads this key; it has no effect", file=sys.stderr
         )
+    for line in compatibility_warnings(settings.moqui):
+        print(f"warning: moqui.{line}", file=sys.stderr)
     return EXIT_OK
 
 

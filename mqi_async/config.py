@@ -218,7 +218,7 @@ class RetentionSettings(_Section):
 def default_moqui() -> dict[str, str | int | float | bool]:
     return {
         "RandomSeed": -1932780356,
-        "UseAbsolutePath": True,
+        "UseAbsolutePath": False,
         "TotalThreads": -1,
         "MaxHistoriesPerBatch": 10000000,
         "UsingPhantomGeo": True,

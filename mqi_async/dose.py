@@ -25,7 +25,13 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, RTDoseStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from mqi_async.domain.errors import MqiError, TransientError
-from mqi_async.domain.tps import PhantomGrid, TpsParseAbort, parse_tps_input, phantom_grid
+from mqi_async.domain.tps import (
+    PhantomGrid,
+    TpsParseAbort,
+    grid_for_size,
+    parse_tps_input,
+    phantom_grid,
+)
 
 RT_ION_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.8"
 MANUFACTURER = "mqi_async (MOQUI Monte Carlo)"
@@ -177,11 +183,19 @@ def _raw_dose(raw_path: Path, grid: PhantomGrid) -> np.ndarray:
         dose = np.fromfile(raw_path, dtype="<f8", count=grid.voxel_count).reshape(grid.shape)
     except (OSError, ValueError) as exc:
         raise TransientError("dose_conversion_failed", f"cannot read {raw_path}: {exc}") from exc
-    if not np.all(np.isfinite(dose)):
-        raise TransientError("dose_conversion_failed", f"{raw_path.name} holds NaN or inf values")
+    finite = np.isfinite(dose)
+    if not np.all(finite):
+        bad = int(dose.size - np.count_nonzero(finite))
+        raise TransientError(
+            "nonfinite_dose", f"{raw_path.name} holds {bad} NaN or Inf value(s) of {dose.size}"
+        )
     if dose.size and float(dose.min()) < 0:
         raise TransientError(
             "dose_conversion_failed", f"{raw_path.name} holds negative dose ({dose.min():g})"
+        )
+    if not np.any(dose):
+        raise TransientError(
+            "empty_dose", f"{raw_path.name}: all {dose.size} voxels are 0 (nothing was scored)"
         )
     return dose
 
@@ -385,13 +399,28 @@ def validate_rt_dose(path: str | os.PathLike[str], *, plan_sop_uid: str | None =
             problems.append(f"references plan(s) {sorted(refs)}, not {plan_sop_uid}")
     if problems:
         raise TransientError("dicom_invalid", f"{p.name}: " + "; ".join(problems))
+    if not bytes(ds.PixelData).strip(b"\x00"):
+        raise TransientError("empty_dose", f"{p.name}: every pixel is 0 (nothing was scored)")
 
 
-def grid_from_tps_file(path: str | os.PathLike[str]) -> PhantomGrid:
-    """The phantom grid of the `moqui_tps.in` MOQUI ran with."""
+def grid_from_tps_file(
+    path: str | os.PathLike[str], *, raw_path: str | os.PathLike[str] | None = None
+) -> PhantomGrid:
+    """The phantom grid of the `moqui_tps.in` MOQUI ran with.
+
+    With raw_path, the grid whose size that raw file has where builds differ (the
+    TwoCentimeterMode slab has 3 slices in the clinic's build, 1 in the public fork).
+    """
     try:
         text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
-        return phantom_grid(parse_tps_input(text))
+        keys = parse_tps_input(text)
+        if raw_path is not None:
+            try:
+                size = Path(raw_path).stat().st_size
+            except OSError:
+                return phantom_grid(keys)  # the raw reader names the problem
+            return grid_for_size(keys, size)
+        return phantom_grid(keys)
     except (OSError, ValueError, TpsParseAbort) as exc:
         raise TransientError(
             "dose_conversion_failed", f"cannot read the dose grid from {path}: {exc}"
@@ -406,6 +435,9 @@ def convert_request(request: dict[str, object]) -> str:
     """
     op = request.get("op", "convert")
     source, target = str(request["input"]), str(request["output"])
+    if op == "validate" and source.endswith(".raw"):
+        # `OutputFormat dcm` on a build without it (the public fork): it wrote raw dose
+        op = "convert"
     if op == "validate":
         validate_rt_dose(source)
         tmp = target + ".part"
@@ -423,7 +455,7 @@ def convert_request(request: dict[str, object]) -> str:
     out = write_rt_dose(
         source,
         target,
-        grid=grid_from_tps_file(str(request["tps"])),
+        grid=grid_from_tps_file(str(request["tps"]), raw_path=source),
         plan=read_plan_ref(str(request["plan"])),
         beam_number=beam_number,
     )
@@ -489,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         parser.error("missing " + ", ".join("--" + n.replace("_", "-") for n in missing))
     try:
-        grid = grid_from_tps_file(args.tps)
+        grid = grid_from_tps_file(args.tps, raw_path=args.input)
         plan = read_plan_ref(args.plan)
         out = write_rt_dose(
             args.input,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mqi_async.config import ToolsSettings
 from mqi_async.domain.errors import PermanentError, TransientError
+from mqi_async.fluence_files import prepare_fluence_tree
 
 #: the bundled interpreter simulator, used when `tools.interpreter` is null
 BUNDLED_INTERPRETER = Path(__file__).parent / "demo" / "bin" / "mqi_interpreter"
@@ -257,6 +258,7 @@ class LocalToolRunner:
         self._tools = tools
         self._s = settings
         self._output_format = str(moqui.get("OutputFormat", "raw"))
+        self._moqui = dict(moqui)
         self._dose = dose_worker
 
     def check(self) -> list[str]:
@@ -282,6 +284,8 @@ class LocalToolRunner:
                 "interpreter_failed",
                 f"exit {result.exit_code}: {result.last_line() or 'no output'} (log: {log_path})",
             )
+        # one CSV form every MOQUI build parses right; bad rows fail here, before any launch
+        await asyncio.to_thread(prepare_fluence_tree, csv_dir / "log", self._moqui)
 
     async def make_rt_dose(
         self,

@@ -221,6 +221,38 @@ FAILURES: dict[str, FailureInfo] = {
         "The SSH client and server share no key-exchange, cipher or host-key algorithm;"
         " update the server's OpenSSH or its allowed algorithms.",
     ),
+    # what a run of the public MOQUI fork (jokh38/moqui_v2) showed
+    "csv_format_unsupported": FailureInfo(
+        _P,
+        "An interpreter CSV is not rows of time_ms,x_mm,y_mm,count, so MOQUI would misread "
+        "it; check the interpreter's version and output, then retry the case.",
+    ),
+    "zero_histories": FailureInfo(
+        _P,
+        "moqui.ParticlesPerHistory times every spot's log count truncates to 0 histories, so "
+        "MOQUI would score nothing; raise ParticlesPerHistory, then retry the case.",
+    ),
+    "empty_dose": FailureInfo(
+        _P,
+        "MOQUI exited 0 but its dose is all zeros (no particle was transported); check "
+        "ParticlesPerHistory and the beam's log CSVs, then retry the case.",
+    ),
+    "nonfinite_dose": FailureInfo(
+        _P,
+        "MOQUI's dose holds NaN or Inf values; check the beam's moqui.log and the geometry, "
+        "then retry the case.",
+    ),
+    "moqui_transport_nan": FailureInfo(
+        _T,
+        "MOQUI stopped in particle transport on a NaN track (exit 1); the beam is retried "
+        "(a RandomSeed below -1 gives each attempt a new seed). If it keeps failing, check "
+        "the spot positions in the log CSVs.",
+    ),
+    "moqui_absolute_path_unsupported": FailureInfo(
+        _P,
+        "This MOQUI build aborts with UseAbsolutePath true ('Log Dir is not provided'); set "
+        "moqui.UseAbsolutePath: false, then retry the case.",
+    ),
 }
 
 

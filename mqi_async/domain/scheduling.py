@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 from mqi_async.domain.errors import FailureKind, failure_info
 from mqi_async.domain.gpus import ComputeApp, GpuInfo, GpuSample
+from mqi_async.domain.moqui_log import has_end_marker
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,7 +151,6 @@ def decide_retry(
 
 _BATCHES = re.compile(r"with (\d+) batches")
 _BATCH = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
-_DONE = "Time taken by MC engine:"
 
 #: beam progress (0-100) reached at each phase, before MOQUI reports its own
 RUN_PROGRESS_START = 20
@@ -168,7 +168,7 @@ def run_progress(log_tail: str, previous: int) -> int:
         if of > 0:
             span = RUN_PROGRESS_END - RUN_PROGRESS_START
             best = max(best, RUN_PROGRESS_START + int(span * min(done, of) / of))
-    if _DONE in log_tail:
+    if has_end_marker(log_tail):
         best = max(best, RUN_PROGRESS_END)
     return min(best, RUN_PROGRESS_END)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 TpsValue = str | int | float | bool
@@ -359,6 +359,46 @@ def unread_keys(static: Mapping[str, TpsValue]) -> list[str]:
     return warnings
 
 
+def compatibility_warnings(static: Mapping[str, TpsValue]) -> list[str]:
+    """Warnings for static keys that some MOQUI build handles badly, one line each, key first.
+
+    What a run of the public fork (jokh38/moqui_v2) showed: `UseAbsolutePath true` aborts it,
+    it ignores `OutputFormat dcm`, and it truncates each spot's count × ParticlesPerHistory
+    to a whole number of histories.
+    """
+    warnings: list[str] = []
+    absolute = tps_lookup(static, "UseAbsolutePath")
+    if absolute is not None and moqui_bool(absolute):
+        warnings.append(
+            "UseAbsolutePath: true makes the public MOQUI fork abort with 'Log Dir is not "
+            "provided' (exit 134); set it to false: the service then writes DicomDir and "
+            "logFilePath relative to ParentDir, which every build reads"
+        )
+    if tps_lookup(static, "OutputFormat") == "dcm":
+        warnings.append(
+            "OutputFormat: dcm is ignored by the public MOQUI fork, which writes .raw instead; "
+            "the service then converts that .raw to RT Dose itself"
+        )
+    pph_text = tps_lookup(static, "ParticlesPerHistory")
+    if pph_text is not None:
+        pph = moqui_float(pph_text)
+        if pph <= 0 and pph != -1:
+            warnings.append(
+                f"ParticlesPerHistory: {pph_text} gives every spot 0 or fewer histories "
+                "(MOQUI multiplies each log count by it); use a positive value such as 1"
+            )
+        elif 0 < pph < 1:
+            need = math.ceil(1 / pph)
+            if int(need * pph) < 1:  # float rounding: the smallest count that still yields 1
+                need += 1
+            warnings.append(
+                f"ParticlesPerHistory: {pph_text} × a spot's log count below {need} gives 0 "
+                "histories (MOQUI truncates each spot's product); a beam whose every spot "
+                "does so fails before launch with zero_histories"
+            )
+    return warnings
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PhantomGrid:
     """The scoring grid of a phantom run: voxel counts, sizes (mm) and lower edge (mm)."""
@@ -410,6 +450,11 @@ TWO_CM_SLAB = PhantomGrid(
     nx=400, ny=400, nz=3, dx=1.0, dy=1.0, dz=2.0 / 3.0, x0=-200.0, y0=-200.0, z0=-1.0
 )
 
+#: the same slab as the public fork (jokh38/moqui_v2) scores it: one 2 mm slice, z -1..+1 mm
+TWO_CM_SLAB_ONE_SLICE = PhantomGrid(
+    nx=400, ny=400, nz=1, dx=1.0, dy=1.0, dz=2.0, x0=-200.0, y0=-200.0, z0=-1.0
+)
+
 
 def uses_phantom(keys: Mapping[str, TpsValue]) -> bool:
     return moqui_bool(_get(keys, "UsingPhantomGeo", "0"))
@@ -418,6 +463,23 @@ def uses_phantom(keys: Mapping[str, TpsValue]) -> bool:
 def two_centimeter_mode(keys: Mapping[str, TpsValue]) -> bool:
     """TwoCentimeterMode; MOQUI reads it only together with UsingPhantomGeo."""
     return uses_phantom(keys) and moqui_bool(_get(keys, "TwoCentimeterMode", "0"))
+
+
+def phantom_grids(keys: Mapping[str, TpsValue]) -> tuple[PhantomGrid, ...]:
+    """Every grid some MOQUI build scores on for these keys, the service's default first.
+
+    TwoCentimeterMode gives two: the clinic build's 3-slice slab and the public fork's
+    1-slice one; the raw file's size tells which one a run wrote.
+    """
+    if two_centimeter_mode(keys):
+        return (TWO_CM_SLAB, TWO_CM_SLAB_ONE_SLICE)
+    return (phantom_grid(keys),)
+
+
+def grid_for_size(keys: Mapping[str, TpsValue], size_bytes: int) -> PhantomGrid:
+    """The grid whose raw file has size_bytes, else the default one (so its size check fails)."""
+    grids = phantom_grids(keys)
+    return next((g for g in grids if g.raw_bytes == size_bytes), grids[0])
 
 
 def phantom_grid(keys: Mapping[str, TpsValue]) -> PhantomGrid:
@@ -456,6 +518,11 @@ class ExpectedOutput:
     name: str
     #: exact size in bytes where the format fixes it (raw data), else None
     size_bytes: int | None
+    #: further sizes some MOQUI build writes (TwoCentimeterMode: 3 slices or 1)
+    other_sizes: tuple[int, ...] = ()
+    #: the file a build writes instead when it lacks this format (the public fork has no
+    #: `OutputFormat dcm` and writes `.raw`)
+    fallback: ExpectedOutput | None = None
 
     @property
     def is_raw(self) -> bool:
@@ -464,6 +531,42 @@ class ExpectedOutput:
     @property
     def is_dicom(self) -> bool:
         return self.name.endswith(".dcm")
+
+    def size_ok(self, size: int) -> bool:
+        return self.size_bytes is None or size == self.size_bytes or size in self.other_sizes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputCheck:
+    """What a listing of OutputDir holds of the expected outputs."""
+
+    #: the files to fetch and convert: each expected one, or its fallback when only that exists
+    found: tuple[ExpectedOutput, ...]
+    missing: tuple[str, ...]
+    wrong_size: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.wrong_size
+
+
+def check_outputs(expected: Sequence[ExpectedOutput], listing: Mapping[str, int]) -> OutputCheck:
+    """Match expected outputs against `name -> size` of the files MOQUI left in OutputDir."""
+    found: list[ExpectedOutput] = []
+    missing: list[str] = []
+    wrong: list[str] = []
+    for want in expected:
+        got = want
+        fallback = want.fallback
+        if want.name not in listing and fallback is not None and fallback.name in listing:
+            got = fallback
+        if got.name not in listing:
+            missing.append(want.name)
+        elif not got.size_ok(listing[got.name]):
+            wrong.append(got.name)
+        else:
+            found.append(got)
+    return OutputCheck(found=tuple(found), missing=tuple(missing), wrong_size=tuple(wrong))
 
 
 def scorer_name(keys: Mapping[str, TpsValue]) -> str:
@@ -493,25 +596,28 @@ def expected_outputs(
     """The files MOQUI writes for one beam: `<BeamName>_<childIndex>_<Scorer>.<ext>`.
 
     `keys` are the static keys (or a parsed file); beam_name is the plan's BeamName as is.
-    Raw data has a known size (8·nx·ny·nz) in phantom mode; headers, DICOM and npz do not.
-    OutputFormat is compared case-sensitively except `npz`, as MOQUI does; anything
-    unrecognised gives raw.
+    Raw data has a known size (8·nx·ny·nz) in phantom mode (in TwoCentimeterMode either
+    slab's); headers, DICOM and npz do not. OutputFormat is compared case-sensitively except
+    `npz`, as MOQUI does; anything unrecognised gives raw. `dcm` falls back to the `.raw`
+    the public fork writes instead.
     """
     stem = (
         f"{beam_name}_{scoring_child_index(keys, beamline_geometries=beamline_geometries)}"
         f"_{scorer_name(keys)}"
     )
-    size = phantom_grid(keys).raw_bytes if uses_phantom(keys) else None
+    sizes = tuple(g.raw_bytes for g in phantom_grids(keys)) if uses_phantom(keys) else ()
+    raw = ExpectedOutput(
+        name=f"{stem}.raw",
+        size_bytes=sizes[0] if sizes else None,
+        other_sizes=sizes[1:],
+    )
     fmt = _get(keys, "OutputFormat", "raw")
     if fmt.lower() == "npz":
         return (ExpectedOutput(name=f"{stem}.npz", size_bytes=None),)
     if fmt == "mhd":
-        return (
-            ExpectedOutput(name=f"{stem}.mhd", size_bytes=None),
-            ExpectedOutput(name=f"{stem}.raw", size_bytes=size),
-        )
+        return (ExpectedOutput(name=f"{stem}.mhd", size_bytes=None), raw)
     if fmt == "mha":
         return (ExpectedOutput(name=f"{stem}.mha", size_bytes=None),)
     if fmt == "dcm":
-        return (ExpectedOutput(name=f"{stem}.dcm", size_bytes=None),)
-    return (ExpectedOutput(name=f"{stem}.raw", size_bytes=size),)
+        return (ExpectedOutput(name=f"{stem}.dcm", size_bytes=None, fallback=raw),)
+    return (raw,)

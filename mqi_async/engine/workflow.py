@@ -22,11 +22,12 @@ from mqi_async.domain.errors import (
 )
 from mqi_async.domain.jobs import JobHandle, JobSpec, JobState, JobStatus
 from mqi_async.domain.model import BeamStatus, RunStatus
+from mqi_async.domain.moqui_log import failure_code_from_log
 from mqi_async.domain.privacy import case_key
 from mqi_async.domain.records import BeamRow, CaseRow, RunRow
 from mqi_async.domain.scheduling import RUN_PROGRESS_START, decide_retry, run_progress
 from mqi_async.domain.slurm import failure_code as slurm_failure_code
-from mqi_async.domain.tps import TpsComputed, expected_outputs, render_tps_input
+from mqi_async.domain.tps import TpsComputed, check_outputs, expected_outputs, render_tps_input
 from mqi_async.engine.layout import CaseDirs, RemoteDirs
 from mqi_async.engine.pollers import JobMonitor
 from mqi_async.engine.ports import Clock, Host, LocalTools, Store
@@ -429,8 +430,12 @@ class BeamWorkflow:
             return await self._attempt_failed(beam, code, detail)
         if status.exit_code != 0:
             # name by exit status, as a shell reports it (134 = abort); the signal goes in the text
-            code = scheduler_code or run_failure_code(
-                status.exit_code, None if status.exit_code is not None else status.signal
+            code = (
+                scheduler_code
+                or failure_code_from_log(status.log_tail or "")
+                or run_failure_code(
+                    status.exit_code, None if status.exit_code is not None else status.signal
+                )
             )
             how = f"exit {status.exit_code}" + (f" (SIG{status.signal})" if status.signal else "")
             detail = f"MOQUI ended with {how}" + (f": {last}" if last else "")
@@ -444,12 +449,9 @@ class BeamWorkflow:
             return await self._attempt_failed(beam, code, detail)
         expected = expected_outputs(self._s.moqui_static, beam.beam_name or "")
         listing = await host.list_dir(str(PurePosixPath(run.job_dir) / "dose"))
-        missing = [o.name for o in expected if o.name not in listing]
-        short = [
-            o.name
-            for o in expected
-            if o.name in listing and o.size_bytes is not None and listing[o.name] != o.size_bytes
-        ]
+        # a build may write another slab size, or .raw instead of .dcm (domain/tps.py)
+        found = check_outputs(expected, listing)
+        missing, short = list(found.missing), list(found.wrong_size)
         if missing or short:
             code = "missing_output" if missing else "short_output"
             detail = f"{'missing' if missing else 'wrong size'}: {', '.join(missing or short)}"
@@ -499,7 +501,11 @@ class BeamWorkflow:
             raise PermanentError("internal_error", "no run to download")
         dirs = CaseDirs.of(self._s.work_directory, case)
         local = dirs.attempt(beam, run.attempt)
-        names = [o.name for o in expected_outputs(self._s.moqui_static, beam.beam_name or "")]
+        expected = expected_outputs(self._s.moqui_static, beam.beam_name or "")
+        listing = await host.list_dir(str(PurePosixPath(run.job_dir) / "dose"))
+        names = [o.name for o in check_outputs(expected, listing).found] or [
+            o.name for o in expected
+        ]
 
         latest: list[tuple[int, int]] = []
 
@@ -553,7 +559,9 @@ class BeamWorkflow:
         dirs = CaseDirs.of(self._s.work_directory, case)
         local = dirs.attempt(beam, run.attempt)
         outputs: list[str] = []
-        for out in expected_outputs(self._s.moqui_static, beam.beam_name or ""):
+        expected = expected_outputs(self._s.moqui_static, beam.beam_name or "")
+        present = await asyncio.to_thread(_file_sizes, local / "dose")
+        for out in check_outputs(expected, present).found or expected:
             target = dirs.dose / f"{dirs.beam_stem(beam)}_{Path(out.name).stem}.dcm"
             await self._tools.make_rt_dose(
                 source=local / "dose" / out.name,
@@ -576,6 +584,13 @@ def _beam_number(beam: BeamRow) -> int:
     if beam.beam_number is None:
         raise PermanentError("internal_error", f"{beam.beam_id} has no DICOM beam number")
     return beam.beam_number
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    try:
+        return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+    except OSError:
+        return {}
 
 
 def _write_text(path: Path, text: str) -> None:

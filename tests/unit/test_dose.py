@@ -15,10 +15,18 @@ from pydicom.uid import ExplicitVRLittleEndian, RTDoseStorage
 
 from mqi_async.demo.cases import CaseSpec, build_ion_plan
 from mqi_async.domain.errors import TransientError
-from mqi_async.domain.tps import TWO_CM_SLAB, PhantomGrid, TpsComputed, render_tps_input
+from mqi_async.domain.tps import (
+    TWO_CM_SLAB,
+    TWO_CM_SLAB_ONE_SLICE,
+    PhantomGrid,
+    TpsComputed,
+    render_tps_input,
+)
 from mqi_async.dose import (
     RT_ION_PLAN_STORAGE,
     PlanRef,
+    build_rt_dose,
+    convert_request,
     main,
     read_plan_ref,
     scaling_text,
@@ -184,19 +192,45 @@ def test_two_centimeter_slab_geometry(tmp_path: Path, plan: PlanRef) -> None:
     assert dciodvfy_errors(out) == []
 
 
-def test_all_zero_dose(tmp_path: Path, plan: PlanRef) -> None:
+def test_all_zero_dose_is_a_failed_run_not_an_rt_dose(tmp_path: Path, plan: PlanRef) -> None:
+    # the public fork exits 0 with an all-zero raw file when every spot got 0 histories
     zero = np.zeros(GRID.shape)
-    out = write_rt_dose(
-        write_raw(tmp_path / "r.raw", zero),
-        tmp_path / "d.dcm",
-        grid=GRID,
-        plan=plan,
-        beam_number=2,
-    )
-    ds = pydicom.dcmread(out)
+    with pytest.raises(TransientError) as info:
+        write_rt_dose(
+            write_raw(tmp_path / "r.raw", zero),
+            tmp_path / "d.dcm",
+            grid=GRID,
+            plan=plan,
+            beam_number=2,
+        )
+    assert info.value.code == "empty_dose"
+    assert info.value.kind == "permanent"
+    assert not (tmp_path / "d.dcm").exists()
+    # MOQUI's own DICOM of an all-zero dose is refused the same way
+    ds = build_rt_dose(zero, grid=GRID, plan=plan, beam_number=2)
     assert float(ds.DoseGridScaling) > 0
-    assert not ds.pixel_array.any()
-    validate_rt_dose(out)
+    own = tmp_path / "own.dcm"
+    pydicom.dcmwrite(own, ds, enforce_file_format=True)
+    with pytest.raises(TransientError) as info:
+        validate_rt_dose(own)
+    assert info.value.code == "empty_dose"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_dose_is_named(tmp_path: Path, plan: PlanRef, bad: float) -> None:
+    dose = gaussian_dose(GRID)
+    dose[3, 4, 5] = bad
+    with pytest.raises(TransientError) as info:
+        write_rt_dose(
+            write_raw(tmp_path / "r.raw", dose),
+            tmp_path / "d.dcm",
+            grid=GRID,
+            plan=plan,
+            beam_number=2,
+        )
+    assert info.value.code == "nonfinite_dose"
+    assert "1 NaN or Inf value(s)" in info.value.detail
+    _no_leftovers(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -236,7 +270,7 @@ def test_short_raw_is_short_output(tmp_path: Path, plan: PlanRef) -> None:
     ("payload", "code"),
     [
         (lambda: gaussian_dose(GRID).tobytes() + b"\0" * 8, "dose_conversion_failed"),
-        (lambda: np.full(GRID.shape, np.nan).tobytes(), "dose_conversion_failed"),
+        (lambda: np.full(GRID.shape, np.nan).tobytes(), "nonfinite_dose"),
         (lambda: (-gaussian_dose(GRID)).tobytes(), "dose_conversion_failed"),
         (None, "missing_output"),
     ],
@@ -329,7 +363,7 @@ STATIC = {
 }
 
 
-def _tps_file(tmp_path: Path) -> Path:
+def _tps_file(tmp_path: Path, **extra: object) -> Path:
     computed = TpsComputed(
         gpu_id=0,
         parent_dir="/r/csv",
@@ -340,8 +374,48 @@ def _tps_file(tmp_path: Path) -> Path:
         gantry=1,
     )
     path = tmp_path / "moqui_tps.in"
-    path.write_text(render_tps_input(STATIC, computed))
+    path.write_text(render_tps_input({**STATIC, **extra}, computed))  # type: ignore[dict-item]
     return path
+
+
+@pytest.mark.parametrize(
+    ("grid", "frames", "ipp_z", "offsets"),
+    [
+        (TWO_CM_SLAB, 3, -2 / 3, [0, 2 / 3, 4 / 3]),
+        (TWO_CM_SLAB_ONE_SLICE, 1, 0.0, [0.0]),
+    ],
+    ids=["clinic_3_slices", "public_fork_1_slice"],
+)
+def test_slab_geometry_follows_the_raw_file(
+    tmp_path: Path,
+    plan_path: Path,
+    grid: PhantomGrid,
+    frames: int,
+    ipp_z: float,
+    offsets: list[float],
+) -> None:
+    dose = gaussian_dose(grid)
+    raw = write_raw(tmp_path / "B_2_Dose.raw", dose)
+    out = tmp_path / "d.dcm"
+    request: dict[str, object] = {
+        # OutputFormat dcm asks to validate; a build without dcm wrote .raw: it is converted
+        "op": "validate",
+        "input": str(raw),
+        "output": str(out),
+        "tps": str(_tps_file(tmp_path, TwoCentimeterMode=True, OutputFormat="dcm")),
+        "plan": str(plan_path),
+        "beam_number": 2,
+    }
+    assert convert_request(request) == str(out)
+    ds = pydicom.dcmread(out)
+    assert (ds.Rows, ds.Columns, int(ds.NumberOfFrames)) == (400, 400, frames)
+    assert float(ds.ImagePositionPatient[2]) == pytest.approx(ipp_z)
+    assert float(ds.SliceThickness) == pytest.approx(grid.dz)
+    vector = ds.GridFrameOffsetVector  # one value reads back as a scalar
+    values = list(vector) if frames > 1 else [vector]
+    assert [float(v) for v in values] == pytest.approx(offsets)
+    back = ds.pixel_array * float(ds.DoseGridScaling)
+    assert np.abs(back - dose).max() <= dose.max() / 65535 + 1e-12
 
 
 def test_cli_converts_with_the_geometry_of_the_tps_file(

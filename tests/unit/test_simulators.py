@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -854,3 +855,87 @@ def test_nvidia_smi_failure_injection(tmp_path: Path) -> None:
     assert done.returncode == 15
     with pytest.raises(subprocess.TimeoutExpired):
         run(NVIDIA_SMI, env=clean_env(tmp_path / "other", MQI_SIM_SMI_FAIL="hang"), timeout=1)
+
+
+# --- tps_env: the public fork's behaviours (MQI_SIM_PUBLIC_FORK, issue 23) ------------------
+
+
+def test_public_fork_aborts_on_absolute_paths(csv_dir: Path, tmp_path: Path, state: Path) -> None:
+    tps, out = write_tps(tmp_path / "a", csv_dir)  # STATIC has UseAbsolutePath true
+    public = clean_env(state, MQI_SIM_RUN_SECONDS="0", MQI_SIM_PUBLIC_FORK="abspath")
+    done = in_bash(f"{sys.executable} {TPS_ENV} {tps} 2>{tmp_path / 'err'}", public)
+    assert done.returncode == 134
+    assert "  what():  Log Dir is not provided" in (tmp_path / "err").read_text().splitlines()
+    assert not out.exists()
+    relative, _ = write_tps(tmp_path / "r", csv_dir, UseAbsolutePath=False)
+    assert run(TPS_ENV, str(relative), env=public).returncode == 0
+
+
+def test_public_fork_misreads_crlf_rows_and_reads_single_lines(
+    csv_dir: Path, tmp_path: Path, state: Path
+) -> None:
+    crlf = csv_dir / "log" / BEAMS[2]
+    assert b"\r\n" in next(crlf.glob("*.csv")).read_bytes()
+    rows, _ = csv_counts(crlf)
+    tps, _ = write_tps(tmp_path / "c", csv_dir)
+    public = clean_env(state, MQI_SIM_RUN_SECONDS="0", MQI_SIM_PUBLIC_FORK="csv")
+    done = run(TPS_ENV, str(tps), env=public)
+    assert done.returncode == 0, done.stderr
+    (spots,) = [ln for ln in done.stdout.splitlines() if ln.startswith("Total beamlets")]
+    assert int(spots.rsplit(" ", 1)[1]) < rows, "exit 0, silently fewer spots"
+    single = tmp_path / "single"
+    shutil.copytree(csv_dir, single)
+    for path in (single / "log").rglob("*.csv"):
+        path.write_bytes(b",".join(path.read_bytes().splitlines()))
+    tps, _ = write_tps(tmp_path / "s", single)
+    done = run(TPS_ENV, str(tps), env=public)
+    assert f"Total beamlets (Spots) : {rows}" in done.stdout.splitlines()
+
+
+def test_public_fork_zero_histories_exit_0_with_an_all_zero_dose(
+    csv_dir: Path, tmp_path: Path, state: Path
+) -> None:
+    tps, out = write_tps(tmp_path / "z", csv_dir, ParticlesPerHistory=0.0001)
+    public = clean_env(state, MQI_SIM_RUN_SECONDS="0", MQI_SIM_PUBLIC_FORK="histories")
+    done = run(TPS_ENV, str(tps), env=public)
+    assert done.returncode == 0, done.stderr
+    assert "Total histories (Particles) : 0" in done.stdout.splitlines()
+    (raw,) = out.iterdir()
+    assert raw.stat().st_size == phantom_grid(STATIC).raw_bytes
+    assert not np.fromfile(raw, "<f8").any()
+
+
+def test_public_fork_slab_and_dcm(csv_dir: Path, tmp_path: Path, state: Path) -> None:
+    public = clean_env(state, MQI_SIM_RUN_SECONDS="0", MQI_SIM_PUBLIC_FORK="slab,dcm")
+    tps, out = write_tps(tmp_path / "w", csv_dir, TwoCentimeterMode=True, OutputFormat="dcm")
+    done = run(TPS_ENV, str(tps), env=public)
+    assert done.returncode == 0, done.stderr
+    (want,) = expected_outputs({**STATIC, "TwoCentimeterMode": True, "OutputFormat": "dcm"}, "x")
+    (raw,) = out.iterdir()
+    assert raw.name == f"{BEAMS[2]}_2_Dose.raw", "dcm is not implemented: raw instead"
+    assert raw.stat().st_size == 1_280_000 == 400 * 400 * 1 * 8
+    assert want.fallback is not None and want.fallback.size_ok(raw.stat().st_size)
+
+
+@pytest.mark.parametrize(
+    ("marker", "engine", "total"),
+    [("engine", True, False), ("total", False, True), ("both", True, True), ("none", False, False)],
+)
+def test_tps_env_end_markers(
+    csv_dir: Path, tmp_path: Path, state: Path, marker: str, engine: bool, total: bool
+) -> None:
+    tps, _ = write_tps(tmp_path / marker, csv_dir)
+    done = run(
+        TPS_ENV, str(tps), env=clean_env(state, MQI_SIM_RUN_SECONDS="0", MQI_SIM_END_MARKER=marker)
+    )
+    assert done.returncode == 0, done.stderr
+    assert ("Time taken by MC engine:" in done.stdout) is engine
+    assert ("Total execution time:" in done.stdout) is total
+
+
+def test_tps_env_nan_transport_failure(csv_dir: Path, tmp_path: Path, state: Path) -> None:
+    tps, out = write_tps(tmp_path / "n", csv_dir)
+    done = run(TPS_ENV, str(tps), env=clean_env(state, MQI_SIM_FAIL="nan"))
+    assert done.returncode == 1
+    assert "There is nan in track direction" in done.stdout.splitlines()
+    assert not any(out.iterdir()) and procs(state) == []

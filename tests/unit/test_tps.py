@@ -15,16 +15,21 @@ from mqi_async.domain.tps import (
     COMPUTED_KEY_ORDER,
     KNOWN_KEYS,
     TWO_CM_SLAB,
+    TWO_CM_SLAB_ONE_SLICE,
     PhantomGrid,
     TpsComputed,
     TpsParseAbort,
     TpsValue,
+    check_outputs,
+    compatibility_warnings,
     expected_outputs,
+    grid_for_size,
     moqui_bool,
     moqui_float,
     moqui_int,
     parse_tps_input,
     phantom_grid,
+    phantom_grids,
     render_tps_input,
     tps_lookup,
     unread_keys,
@@ -231,8 +236,12 @@ def test_relative_mode_refuses_dirs_outside_parent_dir() -> None:
 
 def test_settings_defaults_render_and_parse_back() -> None:
     static = Settings().moqui
+    # relative paths: UseAbsolutePath true aborts the public MOQUI fork
+    assert static["UseAbsolutePath"] is False
     text = render_tps_input(static, COMPUTED)
-    assert parse_tps_input(text) == _expected(dict(static), COMPUTED)
+    want = _expected(dict(static), COMPUTED)
+    want.update(DicomDir="plan", logFilePath="log")
+    assert parse_tps_input(text) == want
 
 
 _KEY = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,20}", fullmatch=True).filter(
@@ -463,3 +472,66 @@ def test_unread_keys_are_reported() -> None:
     ]
     assert unread_keys(STATIC) == []
     assert unread_keys({"NormalizeTotalHistories": 500000000, "twocentimetermode": True}) == []
+
+
+# --- what the public MOQUI fork does differently (issue 23) ---------------------------------
+
+
+def test_two_centimeter_mode_accepts_the_three_and_the_one_slice_slab() -> None:
+    keys = {**STATIC, "TwoCentimeterMode": True}
+    assert phantom_grids(keys) == (TWO_CM_SLAB, TWO_CM_SLAB_ONE_SLICE)
+    assert TWO_CM_SLAB_ONE_SLICE.raw_bytes == 1_280_000  # what the public fork wrote
+    assert TWO_CM_SLAB_ONE_SLICE.first_voxel_centre == (-199.5, -199.5, 0.0)
+    (out,) = expected_outputs(keys, "B1")
+    assert out.size_ok(3_840_000) and out.size_ok(1_280_000)
+    assert not out.size_ok(1_920_000)
+    assert grid_for_size(keys, 1_280_000) == TWO_CM_SLAB_ONE_SLICE
+    assert grid_for_size(keys, 3_840_000) == TWO_CM_SLAB
+    assert grid_for_size(keys, 7) == TWO_CM_SLAB, "the default, so its size check fails"
+    # outside the slab mode there is one grid and one size
+    assert phantom_grids(STATIC) == (phantom_grid(STATIC),)
+    (plain,) = expected_outputs(STATIC, "B1")
+    assert plain.other_sizes == () and not plain.size_ok(1_280_000)
+
+
+def test_check_outputs_takes_the_raw_when_no_dcm_appears() -> None:
+    (want,) = expected_outputs({**STATIC, "OutputFormat": "dcm"}, "B")
+    assert want.fallback is not None and want.fallback.name == "B_1_Dose.raw"
+    size = phantom_grid(STATIC).raw_bytes
+    dcm = check_outputs([want], {"B_1_Dose.dcm": 1234, "B_1_Dose.raw": size})
+    assert dcm.ok and [o.name for o in dcm.found] == ["B_1_Dose.dcm"]
+    raw = check_outputs([want], {"B_1_Dose.raw": size})
+    assert raw.ok and [o.name for o in raw.found] == ["B_1_Dose.raw"]
+    short = check_outputs([want], {"B_1_Dose.raw": size - 8})
+    assert short.wrong_size == ("B_1_Dose.raw",) and not short.ok
+    none = check_outputs([want], {"other.raw": size})
+    assert none.missing == ("B_1_Dose.dcm",) and none.found == ()
+
+
+def test_check_outputs_of_a_raw_run() -> None:
+    expected = expected_outputs({**STATIC, "OutputFormat": "mhd"}, "B")
+    size = phantom_grid(STATIC).raw_bytes
+    assert check_outputs(expected, {"B_1_Dose.mhd": 300, "B_1_Dose.raw": size}).ok
+    partial = check_outputs(expected, {"B_1_Dose.raw": 16})
+    assert partial.missing == ("B_1_Dose.mhd",) and partial.wrong_size == ("B_1_Dose.raw",)
+
+
+def test_compatibility_warnings() -> None:
+    quiet = {**STATIC, "UseAbsolutePath": False, "ParticlesPerHistory": 1}
+    assert compatibility_warnings(quiet) == []
+    assert compatibility_warnings(Settings().moqui) == [], "the shipped defaults are quiet"
+    loud = compatibility_warnings(
+        {**quiet, "UseAbsolutePath": "1", "OutputFormat": "dcm", "ParticlesPerHistory": 0.001}
+    )
+    assert [w.split(":")[0] for w in loud] == [
+        "UseAbsolutePath",
+        "OutputFormat",
+        "ParticlesPerHistory",
+    ]
+    assert "'Log Dir is not provided'" in loud[0]
+    assert "writes .raw" in loud[1]
+    assert "below 1000 gives 0" in loud[2]
+    assert compatibility_warnings({**quiet, "OutputFormat": "DCM"}) == [], "DCM is just raw"
+    (zero,) = compatibility_warnings({**quiet, "ParticlesPerHistory": 0})
+    assert "every spot 0 or fewer histories" in zero
+    assert compatibility_warnings({**quiet, "ParticlesPerHistory": -1}) == []
