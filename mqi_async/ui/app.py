@@ -19,6 +19,7 @@ from textual.coordinate import Coordinate
 from textual.events import Key
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, RichLog, Static
+from textual.widgets.data_table import RowKey
 
 from mqi_async.domain.model import CaseStatus
 from mqi_async.domain.records import CommandKind
@@ -121,6 +122,12 @@ def gpu_cells(gpu: GpuRow, owner: str | None) -> tuple[str, ...]:
         f"{gpu.temperature_c}°C",
         who,
     )
+
+
+def row_value(key: RowKey | None) -> str | None:
+    """A table row's key as text; Textual hands out None for a row removed meanwhile."""
+    value = getattr(key, "value", None)
+    return None if value is None else str(value)
 
 
 def newest_log_text(runs_dir: Path, limit_bytes: int = 20000) -> str:
@@ -323,8 +330,8 @@ class DashboardApp(App[None]):
             self._selected_case = None
             if new:
                 row = min(max(table.cursor_row, 0), table.row_count - 1)
-                key = table.coordinate_to_cell_key(Coordinate(row, 0)).row_key.value
-                self._selected_case = str(key) if key is not None else next(iter(new))
+                key = row_value(table.coordinate_to_cell_key(Coordinate(row, 0)).row_key)
+                self._selected_case = key if key in new else next(iter(new))
 
     def _render_beams(self, dash: Dashboard, now: datetime) -> None:
         table = self.query_one("#beams", DataTable)
@@ -359,8 +366,9 @@ class DashboardApp(App[None]):
     @on(DataTable.RowHighlighted, "#cases")
     @guarded("selecting a case")
     async def _case_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.row_key.value is not None and event.row_key.value != self._selected_case:
-            self._selected_case = str(event.row_key.value)
+        key = row_value(event.row_key)
+        if key is not None and key != self._selected_case:
+            self._selected_case = key
             if self._last is not None:
                 self._render_beams(self._last, datetime.now(UTC))
 
@@ -375,7 +383,7 @@ class DashboardApp(App[None]):
             key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
         except Exception:
             return None
-        return str(key.value) if key.value is not None else None
+        return row_value(key)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """While a dialog is open only its own keys work (and quitting)."""

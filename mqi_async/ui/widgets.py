@@ -66,7 +66,7 @@ ConfirmDialog, PriorityDialog, LogScreen { align: center middle; }
     background: $panel; border: round $primary; padding: 0 1;
 }
 .dialog .hint { color: $text-muted; }
-.dialog .problem { color: $error; }
+.dialog .problem { color: $error; display: none; }
 #priority-value { width: 24; }
 #log-dialog { width: 90%; height: auto; }
 """
@@ -125,7 +125,9 @@ class PriorityDialog(ModalScreen[int | None]):
         self.query_one("#priority-value", Input).focus()
 
     def _problem(self, text: str) -> None:
-        self.query_one("#priority-problem", Label).update(text)
+        label = self.query_one("#priority-problem", Label)
+        label.update(text)
+        label.display = bool(text)
 
     @guarded("priority input")
     def on_input_submitted(self, event: Input.Submitted) -> None:
