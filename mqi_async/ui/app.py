@@ -512,13 +512,8 @@ class DashboardCrashed(Exception):
     """The Textual app ended on an unhandled exception (its traceback is the cause)."""
 
 
-async def run_dashboard(service: Any, *, headless: bool = False) -> None:
-    """Run the TUI in the service's loop; leaving it (`q`) stops the service gracefully.
-
-    Raises:
-        DashboardCrashed: the app ended on an unhandled exception; the service is not
-            stopped here (`service.run_until_stopped` decides what happens then).
-    """
+def dashboard_for(service: Any) -> DashboardApp:
+    """The dashboard of a running `service.Service`: its store, hosts and stop request."""
     engine = service.engine
 
     def hosts_state() -> dict[str, str]:
@@ -532,7 +527,7 @@ async def run_dashboard(service: Any, *, headless: bool = False) -> None:
             )
         return out
 
-    app = DashboardApp(
+    return DashboardApp(
         store=service.store,
         work_directory=service.settings.work_directory,
         refresh_hz=service.settings.ui.refresh_hz,
@@ -540,6 +535,16 @@ async def run_dashboard(service: Any, *, headless: bool = False) -> None:
         service_state=lambda: service.state,
         on_quit=service.request_stop,
     )
+
+
+async def run_dashboard(service: Any, *, headless: bool = False) -> None:
+    """Run the TUI in the service's loop; leaving it (`q`) stops the service gracefully.
+
+    Raises:
+        DashboardCrashed: the app ended on an unhandled exception; the service is not
+            stopped here (`service.run_until_stopped` decides what happens then).
+    """
+    app = dashboard_for(service)
     await app.run_async(headless=headless)
     if app.return_code:
         # Textual keeps the exception that ended the app on the app itself
