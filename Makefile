@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: install run demo test test-fast lint format bench soak check clean image image-test real-moqui
+.PHONY: install run demo test test-fast lint format bench bench-deps soak check clean image image-test real-moqui
 
 install: $(STAMP)
 
@@ -36,12 +36,28 @@ format: install
 	$(BIN)/ruff format mqi_async tests
 	$(BIN)/ruff check --fix mqi_async tests
 
-bench: install
+# the benchmarks measure the real OpenSSH sshd (and ssh-keygen): install them as root, like .ci/run
+SSHD ?= $(shell command -v sshd || command -v /usr/sbin/sshd)
+BENCH_PACKAGES := openssh-server openssh-client
+
+bench-deps:
+	@if [ -z "$(SSHD)" ] || ! command -v ssh-keygen >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "bench: installing $(BENCH_PACKAGES)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    apt-get install -y -qq --no-install-recommends $(BENCH_PACKAGES) >/dev/null; \
+	  else \
+	    echo "bench: needs OpenSSH's sshd and ssh-keygen; install them first, e.g." \
+	      "'sudo apt-get install $(BENCH_PACKAGES)' (Debian/Ubuntu) or 'sudo dnf install openssh-server openssh-clients'" >&2; \
+	    exit 2; \
+	  fi; \
+	fi
+
+bench: install bench-deps
 	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider -o addopts="" --timeout=1800
 
 # 200 cases / 800 beams, random MOQUI failures, SIGKILLs and a host outage (tens of minutes)
-soak: install
-	@test -x /usr/sbin/sshd || { echo "make soak needs OpenSSH's sshd: apt-get install openssh-server" >&2; exit 2; }
+soak: install bench-deps
 	$(BIN)/python -m pytest tests/soak -s -p no:cacheprovider -o addopts="" --timeout=3600
 
 check: lint test

@@ -34,7 +34,7 @@ from mqi_async.engine.workflow import WorkflowSettings
 from mqi_async.folders import make_private_dirs
 from mqi_async.ingest.reader import FoundCase
 from mqi_async.ingest.watcher import CaseWatcher
-from mqi_async.log import configure_logging, learn_patient_ids, remove_handlers
+from mqi_async.log import JsonFormatter, configure_logging, learn_patient_ids, remove_handlers
 from mqi_async.store import Store
 from mqi_async.store.secret import load_or_create_secret
 from mqi_async.tools import DoseWorker, LocalToolRunner, Tools
@@ -263,7 +263,7 @@ async def run_until_stopped(
         async with asyncio.TaskGroup() as tg:
             engine_task = tg.create_task(service.engine.run())
             watcher_task = tg.create_task(_supervised_watcher(service))
-            ui_task = tg.create_task(ui(service)) if ui is not None else None
+            ui_task = tg.create_task(_isolated_ui(service, ui)) if ui is not None else None
             retention_task = (
                 tg.create_task(_supervised("retention", service.retention.run))
                 if service.retention is not None
@@ -300,6 +300,37 @@ async def _supervised(what: str, run: Callable[[], Coroutine[Any, Any, None]]) -
             log.exception("%s crashed; restarting in %.0f s", what, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
+
+
+async def _isolated_ui(
+    service: Service, ui: Callable[[Service], Coroutine[Any, Any, None]]
+) -> None:
+    """Run the dashboard; closing it stops the service, its crash does not.
+
+    A crashed dashboard is logged with its traceback and the service goes on headless, with
+    JSON log lines on stdout as with `--no-ui`, until SIGTERM or SIGINT: the runs in flight
+    and the cases still arriving must not wait for someone to notice and restart it.
+    """
+    try:
+        await ui(service)
+    except Exception:
+        out = logging.StreamHandler(sys.stdout)
+        out.setFormatter(JsonFormatter())
+        root = logging.getLogger("mqi_async")
+        for redacting in root.filters:  # logging.redact_patient_ids holds on stdout too
+            out.addFilter(redacting)
+        root.addHandler(out)
+        try:
+            log.exception(
+                "the dashboard crashed; the service keeps running headless until SIGTERM or"
+                " SIGINT (Ctrl+C)",
+                extra={"component": "ui"},
+            )
+            await service.stopping.wait()
+        finally:
+            root.removeHandler(out)
+        return
+    service.request_stop()
 
 
 async def _supervised_watcher(service: Service) -> None:

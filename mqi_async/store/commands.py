@@ -11,6 +11,10 @@ from mqi_async.store import events
 from mqi_async.store.columns import decode_object, decode_optional_time, decode_time, encode_json
 from mqi_async.store.session import Session
 
+#: the range a case's priority may be set to (it is an SQLite INTEGER and a sort key)
+PRIORITY_MIN = -999
+PRIORITY_MAX = 999
+
 _COLUMNS = "command_id, requested_at, kind, case_id, payload, status, done_at, result"
 
 
@@ -25,6 +29,25 @@ def _command_from(row: sqlite3.Row) -> CommandRow:
         done_at=decode_optional_time(row["done_at"]),
         result=row["result"],
     )
+
+
+def priority_value(value: object) -> int:
+    """A priority command's value: an int, or the text of one, from PRIORITY_MIN to PRIORITY_MAX.
+
+    Raises:
+        ValueError: anything else, with a message fit to show to the operator.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"the priority must be a whole number, not {text!r}") from None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"the priority must be a whole number, not {value!r}")
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise ValueError(f"the priority must be from {PRIORITY_MIN} to {PRIORITY_MAX}, not {value}")
+    return value
 
 
 class Commands:
@@ -45,7 +68,8 @@ class Commands:
         """Record a request for the service; None (nothing written) when the case is unknown.
 
         Raises:
-            ValueError: a PRIORITY command without an int `priority` in its payload.
+            ValueError: a PRIORITY command without an int `priority` (see `priority_value`)
+                in its payload.
         """
         self._s.require_writable()
         if await self._s.row("SELECT 1 FROM cases WHERE case_id = ?", (case_id,)) is None:
@@ -55,6 +79,7 @@ class Commands:
             value = (payload or {}).get("priority")
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"a priority command needs an int 'priority', got {value!r}")
+            priority_value(value)
         command_id = await self._s.insert(
             "INSERT INTO commands (requested_at, kind, case_id, payload, status)"
             " VALUES (?, ?, ?, ?, ?)",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,14 +14,20 @@ from typing import Any, ClassVar
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
+from textual.coordinate import Coordinate
+from textual.events import Key
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Footer, Input, Label, RichLog, Static
+from textual.widgets import DataTable, Footer, Input, RichLog, Static
+from textual.widgets.data_table import RowKey
 
 from mqi_async.domain.model import CaseStatus
 from mqi_async.domain.records import CommandKind
 from mqi_async.store import BeamSnapshot, CaseSnapshot, EventRow, GpuRow, LeaseRow, Store
 from mqi_async.store.snapshot import DashboardCounts
+from mqi_async.ui.widgets import ConfirmDialog, LogScreen, PriorityDialog, guarded, report_failure
+
+log = logging.getLogger(__name__)
 
 CASE_COLUMNS = ("case", "room", "status", "progress", "beams", "age", "error")
 BEAM_COLUMNS = ("beam", "#", "status", "host", "gpu", "attempt", "progress", "transfer", "elapsed")
@@ -116,6 +124,12 @@ def gpu_cells(gpu: GpuRow, owner: str | None) -> tuple[str, ...]:
     )
 
 
+def row_value(key: RowKey | None) -> str | None:
+    """A table row's key as text; Textual hands out None for a row removed meanwhile."""
+    value = getattr(key, "value", None)
+    return None if value is None else str(value)
+
+
 def newest_log_text(runs_dir: Path, limit_bytes: int = 20000) -> str:
     """The end of the newest attempt's MOQUI log (downloaded, or the live tail the engine keeps)."""
     candidates = [p for p in runs_dir.glob("attempt_*/moqui.log*") if p.is_file()]
@@ -128,47 +142,6 @@ def newest_log_text(runs_dir: Path, limit_bytes: int = 20000) -> str:
             return fh.read().decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-class ConfirmScreen(ModalScreen[bool]):
-    """A yes/no question; `y` confirms, `n` or escape declines."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("y", "answer(True)", "Yes"),
-        Binding("n", "answer(False)", "No"),
-        Binding("escape", "answer(False)", "No"),
-    ]
-
-    def __init__(self, question: str) -> None:
-        super().__init__()
-        self._question = question
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label(self._question)
-            yield Label("[b]y[/b] yes   [b]n[/b] no")
-
-    def action_answer(self, answer: bool) -> None:
-        self.dismiss(answer)
-
-
-class LogScreen(ModalScreen[None]):
-    """Shows a beam's MOQUI log (or its events while the log is still on the host)."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,l", "close", "Close")]
-
-    def __init__(self, title: str, text: str) -> None:
-        super().__init__()
-        self._title = title
-        self._text = text
-
-    def compose(self) -> ComposeResult:
-        with VerticalScroll(id="log-dialog"):
-            yield Label(f"[b]{self._title}[/b]  (escape to close)")
-            yield Static(self._text, markup=False)
-
-    def action_close(self) -> None:
-        self.dismiss(None)
 
 
 class DashboardApp(App[None]):
@@ -185,8 +158,6 @@ class DashboardApp(App[None]):
     #events { height: 1fr; border-top: solid $primary; }
     #filter { display: none; }
     #filter.visible { display: block; }
-    #dialog, #log-dialog { background: $panel; border: thick $primary; padding: 1 2; margin: 4 8; }
-    ConfirmScreen, LogScreen { align: center middle; }
     """
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("r", "retry", "Retry"),
@@ -222,6 +193,8 @@ class DashboardApp(App[None]):
         self._last: Dashboard | None = None
         self._last_event_id = 0
         self._refreshing = False
+        #: the last refresh failure shown (None while refreshes work)
+        self._refresh_error: str | None = None
         #: the commands this app sent, for tests and the footer
         self.sent: list[tuple[str, str]] = []
 
@@ -239,6 +212,7 @@ class DashboardApp(App[None]):
                 yield RichLog(id="events", max_lines=500, wrap=True, markup=False)
         yield Footer()
 
+    @guarded("starting the dashboard")
     async def on_mount(self) -> None:
         for table_id, columns in (
             ("cases", CASE_COLUMNS),
@@ -249,8 +223,8 @@ class DashboardApp(App[None]):
             for col in columns:
                 table.add_column(col, key=col)
         self.query_one("#cases", DataTable).focus()
-        await self.refresh_view()
         self.set_interval(self._interval_s, self._tick)
+        await self._refresh_guarded()
 
     def _tick(self) -> None:
         if not self._refreshing:
@@ -258,7 +232,22 @@ class DashboardApp(App[None]):
 
     @work(exclusive=True, group="refresh", exit_on_error=False)
     async def _refresh_worker(self) -> None:
-        await self.refresh_view()
+        await self._refresh_guarded()
+
+    async def _refresh_guarded(self) -> None:
+        """Refresh; a failure (database busy or unreadable) is shown once, the next tick retries."""
+        try:
+            await self.refresh_view()
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            if text != self._refresh_error:
+                self._refresh_error = text
+                report_failure(self, "refreshing the view", exc)
+            return
+        if self._refresh_error is not None:
+            self._refresh_error = None
+            self.notify("the view is up to date again")
+            log.info("dashboard: refresh works again", extra={"component": "ui"})
 
     async def read_dashboard(self) -> Dashboard:
         """One bounded read: unfinished and recent cases (or the filter's), GPUs, events."""
@@ -336,8 +325,13 @@ class DashboardApp(App[None]):
         table = self.query_one("#cases", DataTable)
         new = {c.case_id: case_cells(c, now) for c in self._visible_cases(dash)}
         self._sync(table, self._case_rows, new, CASE_COLUMNS)
-        if self._selected_case is None and new:
-            self._selected_case = next(iter(new))
+        if self._selected_case not in new:
+            # nothing selected yet, or the selected case left the view (filter, aged out)
+            self._selected_case = None
+            if new:
+                row = min(max(table.cursor_row, 0), table.row_count - 1)
+                key = row_value(table.coordinate_to_cell_key(Coordinate(row, 0)).row_key)
+                self._selected_case = key if key in new else next(iter(new))
 
     def _render_beams(self, dash: Dashboard, now: datetime) -> None:
         table = self.query_one("#beams", DataTable)
@@ -370,9 +364,11 @@ class DashboardApp(App[None]):
             self._last_event_id = ev.event_id
 
     @on(DataTable.RowHighlighted, "#cases")
+    @guarded("selecting a case")
     async def _case_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.row_key.value is not None and event.row_key.value != self._selected_case:
-            self._selected_case = str(event.row_key.value)
+        key = row_value(event.row_key)
+        if key is not None and key != self._selected_case:
+            self._selected_case = key
             if self._last is not None:
                 self._render_beams(self._last, datetime.now(UTC))
 
@@ -387,37 +383,76 @@ class DashboardApp(App[None]):
             key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
         except Exception:
             return None
-        return str(key.value) if key.value is not None else None
+        return row_value(key)
 
-    async def _send(self, kind: CommandKind, case_id: str) -> None:
-        row = await self._store.enqueue_command(kind, case_id)
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """While a dialog is open only its own keys work (and quitting)."""
+        return not (action in _MAIN_SCREEN_ACTIONS and isinstance(self.screen, ModalScreen))
+
+    def _case_or_hint(self) -> str | None:
+        case_id = self._selected_case
+        if case_id is None:
+            self.notify("no case selected", severity="warning")
+        return case_id
+
+    async def _send(
+        self, kind: CommandKind, case_id: str, payload: Mapping[str, object] | None = None
+    ) -> None:
+        row = await self._store.enqueue_command(kind, case_id, payload)
         if row is None:
             self.notify(f"unknown case {case_id}", severity="error")
             return
         self.sent.append((str(kind), case_id))
-        self.notify(f"{kind} of {case_id} requested")
+        what = f"{kind} {payload['priority']}" if kind == CommandKind.PRIORITY and payload else kind
+        self.notify(f"{what} of {case_id} requested")
+        log.info("dashboard: %s of %s requested", what, case_id, extra={"component": "ui"})
 
+    @guarded("retry")
     async def action_retry(self) -> None:
-        if self._selected_case:
-            await self._send(CommandKind.RETRY, self._selected_case)
+        case_id = self._case_or_hint()
+        if case_id is not None:
+            await self._send(CommandKind.RETRY, case_id)
 
-    async def action_priority(self) -> None:
-        if self._selected_case:
-            await self._send(CommandKind.PRIORITY, self._selected_case)
+    @guarded("priority")
+    def action_priority(self) -> None:
+        case_id = self._case_or_hint()
+        if case_id is None:
+            return
+        case = (
+            next((c for c in self._last.cases if c.case_id == case_id), None)
+            if self._last
+            else None
+        )
 
+        @guarded("priority")
+        async def answered(app: DashboardApp, value: int | None) -> None:
+            if value is not None:
+                await app._send(CommandKind.PRIORITY, case_id, {"priority": value})
+
+        self.push_screen(
+            PriorityDialog(case_id, case.priority if case is not None else 0),
+            functools.partial(answered, self),
+        )
+
+    @guarded("cancel")
     def action_cancel(self) -> None:
-        case_id = self._selected_case
+        case_id = self._case_or_hint()
         if case_id is None:
             return
 
-        async def answered(yes: bool | None) -> None:
+        @guarded("cancel")
+        async def answered(app: DashboardApp, yes: bool | None) -> None:
             if yes:
-                await self._send(CommandKind.CANCEL, case_id)
+                await app._send(CommandKind.CANCEL, case_id)
 
         self.push_screen(
-            ConfirmScreen(f"Cancel case {case_id}? Running MOQUI jobs are killed."), answered
+            ConfirmDialog(
+                f"Cancel {case_id}", "Cancel this case? Its running MOQUI jobs are killed."
+            ),
+            functools.partial(answered, self),
         )
 
+    @guarded("filter")
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
         box.disabled = False
@@ -425,13 +460,15 @@ class DashboardApp(App[None]):
         box.focus()
 
     @on(Input.Submitted, "#filter")
+    @guarded("filter")
     async def _filter_submitted(self, event: Input.Submitted) -> None:
         self._filter = event.value.strip()
         event.input.disabled = True
         self.query_one("#cases", DataTable).focus()
-        await self.refresh_view()
+        await self._refresh_guarded()
 
-    async def on_key(self, event: Any) -> None:
+    @guarded("clearing the filter")
+    async def on_key(self, event: Key) -> None:
         box = self.query_one("#filter", Input)
         if event.key == "escape" and box.has_focus:
             box.value = ""
@@ -439,11 +476,13 @@ class DashboardApp(App[None]):
             box.disabled = True
             self._filter = ""
             self.query_one("#cases", DataTable).focus()
-            await self.refresh_view()
+            await self._refresh_guarded()
 
+    @guarded("log")
     async def action_log(self) -> None:
         beam_id = self.selected_beam()
         if beam_id is None:
+            self.notify("no beam selected", severity="warning")
             return
         beam = await self._store.get_beam(beam_id)
         case = await self._store.get_case(beam.case_id) if beam else None
@@ -456,14 +495,25 @@ class DashboardApp(App[None]):
             text = "\n".join(f"{e.at:%H:%M:%S} {e.kind}: {e.message}" for e in reversed(events))
         self.push_screen(LogScreen(f"log of {beam_id}", text or "(nothing yet)"))
 
+    @guarded("quit")
     def action_quit_service(self) -> None:
-        if self._on_quit is not None:
-            self._on_quit()
-        self.exit()
+        try:
+            if self._on_quit is not None:
+                self._on_quit()
+        finally:
+            self.exit()
 
 
-async def run_dashboard(service: Any) -> None:
-    """Run the TUI in the service's loop; leaving it stops the service gracefully."""
+#: the dashboard's own keys: off while a dialog is open, so a key meant for it does nothing else
+_MAIN_SCREEN_ACTIONS = frozenset({"retry", "cancel", "priority", "filter", "log", "quit_service"})
+
+
+class DashboardCrashed(Exception):
+    """The Textual app ended on an unhandled exception (its traceback is the cause)."""
+
+
+def dashboard_for(service: Any) -> DashboardApp:
+    """The dashboard of a running `service.Service`: its store, hosts and stop request."""
     engine = service.engine
 
     def hosts_state() -> dict[str, str]:
@@ -477,7 +527,7 @@ async def run_dashboard(service: Any) -> None:
             )
         return out
 
-    app = DashboardApp(
+    return DashboardApp(
         store=service.store,
         work_directory=service.settings.work_directory,
         refresh_hz=service.settings.ui.refresh_hz,
@@ -485,7 +535,19 @@ async def run_dashboard(service: Any) -> None:
         service_state=lambda: service.state,
         on_quit=service.request_stop,
     )
-    try:
-        await app.run_async()
-    finally:
-        service.request_stop()
+
+
+async def run_dashboard(service: Any, *, headless: bool = False) -> None:
+    """Run the TUI in the service's loop; leaving it (`q`) stops the service gracefully.
+
+    Raises:
+        DashboardCrashed: the app ended on an unhandled exception; the service is not
+            stopped here (`service.run_until_stopped` decides what happens then).
+    """
+    app = dashboard_for(service)
+    await app.run_async(headless=headless)
+    if app.return_code:
+        # Textual keeps the exception that ended the app on the app itself
+        cause = getattr(app, "_exception", None)
+        raise DashboardCrashed(f"the dashboard ended on {cause!r}") from cause
+    service.request_stop()

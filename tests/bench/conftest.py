@@ -75,5 +75,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def openssh(sshd: SshdServer) -> Iterator[SshdServer]:
     """The session's sshd, which must be the real OpenSSH one: the figures are about it."""
     if not sshd.is_openssh:
-        pytest.fail("benchmarks need OpenSSH's sshd (tests/sshd.py found none)")
+        pytest.fail(
+            "benchmarks need OpenSSH's sshd (tests/sshd.py found none): `make bench` installs"
+            " openssh-server as root, else install it (apt-get install openssh-server)"
+        )
     yield sshd
