@@ -375,7 +375,7 @@ class Engine:
         while True:
             for cmd in await self._store.pending_commands():
                 try:
-                    message = await self.apply(str(cmd.kind), cmd.case_id)
+                    message = await self.apply(str(cmd.kind), cmd.case_id, cmd.payload)
                     await self._store.finish_command(cmd.command_id, CommandStatus.DONE, message)
                 except MqiError as exc:
                     await self._store.finish_command(
@@ -383,7 +383,9 @@ class Engine:
                     )
             await asyncio.sleep(1.0)
 
-    async def apply(self, kind: str, case_id: str) -> str:
+    async def apply(
+        self, kind: str, case_id: str, payload: Mapping[str, object] | None = None
+    ) -> str:
         """Carry out an operator request: retry, cancel or priority."""
         case = await self._store.get_case(case_id)
         if case is None:
@@ -393,9 +395,12 @@ class Engine:
         if kind == "retry":
             return await self._retry(case_id)
         if kind == "priority":
-            await self._store.update_case(case_id, {"priority": case.priority + 1})
+            # the value the operator asked for (dashboard dialog), else one step up
+            value = (payload or {}).get("priority")
+            priority = value if isinstance(value, int) else case.priority + 1
+            await self._store.update_case(case_id, {"priority": priority})
             self.scheduler.wake()
-            return f"priority of {case_id} is now {case.priority + 1}"
+            return f"priority of {case_id} is now {priority}"
         raise MqiError("internal_error", f"unknown command {kind}")
 
     async def _stop_task(self, key: str) -> None:

@@ -65,3 +65,21 @@ async def test_a_copy_of_a_registered_case_is_a_visible_event(
 
 async def _status_is(svc: object, case_id: str, want: str) -> bool:
     return (await statuses(svc)).get(case_id) == want  # type: ignore[arg-type]
+
+
+async def test_a_priority_command_sets_the_value_the_operator_asked_for(
+    tmp_path: Path, sshd: SshdServer
+) -> None:
+    from mqi_async.domain.records import CommandKind
+
+    rig = make_rig(tmp_path / "rig", sshd, gpus=1, run_seconds=0.2)
+    rig.drop_case("PRIO", beams=1)
+    async with running_service(rig.settings()) as svc:
+        await wait_until(lambda: _status_is(svc, "PRIO", "completed"), timeout_s=60, what="case")
+        await svc.store.enqueue_command(CommandKind.PRIORITY, "PRIO", {"priority": 7})
+
+        async def seven() -> bool:
+            case = await svc.store.get_case("PRIO")
+            return case is not None and case.priority == 7
+
+        await wait_until(seven, timeout_s=20, what="priority 7")
