@@ -532,7 +532,10 @@ def dashboard_for(service: Any) -> DashboardApp:
         work_directory=service.settings.work_directory,
         refresh_hz=service.settings.ui.refresh_hz,
         hosts_state=hosts_state,
-        service_state=lambda: service.state,
+        # a database that refuses writes pauses the engine; say so where everyone looks
+        service_state=lambda: (
+            "PAUSED: database_unwritable (free space)" if engine.database_error else service.state
+        ),
         on_quit=service.request_stop,
     )
 
