@@ -101,7 +101,9 @@ async def test_full_run_leaves_nothing_readable_and_no_patient_id_in_shared_plac
     assert stat.S_IMODE(remote_root.stat().st_mode) == 0o700
     names = [p.name for p in remote_root.rglob("*")]
     assert names and not [n for n in names if PATIENT in n]
-    assert [p.name for p in remote_root.iterdir()] == [key] and is_case_key(key)
+    assert [p.name for p in remote_root.iterdir() if p.name != ".mqi-claims"] == [
+        key
+    ] and is_case_key(key)
     moqui_lines = [line for line in seen if "tps_env" in line and key in line]
     assert moqui_lines, "MOQUI's command line was never seen; the ps check proves nothing"
     assert [line for line in seen if f"mqi-{key}-b" in line]
@@ -160,7 +162,7 @@ async def test_hostile_beam_names_fail_at_ingest_and_nothing_runs(
         assert error.isascii() and all(ch.isprintable() for ch in error)
         assert len(error) < 400
     # nothing of theirs reached the host, nothing was written beside the roots
-    assert [p.name for p in remote_root.iterdir()] == [
+    assert [p.name for p in remote_root.iterdir() if p.name != ".mqi-claims"] == [
         case_key(secret_path(rig.db).read_bytes(), "GOOD0001")
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rig"]
@@ -175,7 +177,11 @@ async def _all_terminal(svc: object, ids: set[str]) -> bool:
 
 def _tree(root: Path) -> list[str]:
     """Every path under root, relative, sorted (the before/after listings retention is judged by)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+    # the case claims (.mqi-claims, hashed names) stay: they say which service owns a case
+    if not root.exists():
+        return []
+    paths = (p.relative_to(root) for p in root.rglob("*"))
+    return sorted(str(p) for p in paths if p.parts[0] != ".mqi-claims")
 
 
 class _Later:

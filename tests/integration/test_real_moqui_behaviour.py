@@ -169,7 +169,7 @@ async def test_2_crlf_csvs_are_uploaded_single_line_so_the_public_fork_reads_eve
     )
     _, (case, _) = await run_case(rig, "CRLF")
     assert case.status == CaseStatus.COMPLETED
-    csvs = sorted((rig.root / "runs").glob("CRLF*/inputs/log/*/*.csv"))
+    csvs = sorted((rig.root / "runs").glob("c*/inputs/log/*/*.csv"))
     assert csvs
     rows = 0
     for path in csvs:
@@ -234,7 +234,7 @@ async def test_3b_an_all_zero_dose_is_a_failed_beam(tmp_path: Path) -> None:
     assert beam.status == BeamStatus.FAILED
     assert str(beam.error).startswith("empty_dose: ")
     assert not beam.outputs
-    raw = next((rig.root / "runs").glob("EMPTY*/beam_1/*/dose/*.raw"))
+    raw = next((rig.root / "runs").glob("c*/beam_1/*/dose/*.raw"))
     assert raw.stat().st_size == 20 * 16 * 10 * 8 and not np.fromfile(raw, "<f8").any()
 
 
