@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from mqi_async.domain.errors import PermanentError
 from mqi_async.qa.gamma import GammaOptions, GammaResult, gamma
@@ -73,7 +75,10 @@ def compare_files(
     threads: int | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GammaResult:
-    """Read both RT Dose files (`dose_unreadable`, `unsupported_orientation`) and compare."""
+    """Read both RT Dose files (`dose_unreadable`, `unsupported_orientation`) and compare;
+    `seconds` of the result counts the reading too."""
+    started = time.perf_counter()
     ref = read_rt_dose(reference)
     ev = read_rt_dose(evaluated)
-    return compare_doses(ref, ev, options, threads=threads, should_stop=should_stop)
+    result = compare_doses(ref, ev, options, threads=threads, should_stop=should_stop)
+    return replace(result, seconds=time.perf_counter() - started)

@@ -39,7 +39,7 @@ from numpy.typing import NDArray
 
 F32 = np.float32
 _SNAP = 1e-6  # fractions this close to a node are on it (keeps classes exact and stable)
-_MIN_CLASS_POINTS = 2048  # smaller classes are interpolated point by point (a plan costs ~20 ms)
+_MIN_CLASS_POINTS = 512  # smaller classes are interpolated point by point (a plan costs ~20 ms)
 _CHUNK = 4096  # reference points per chunk
 
 
@@ -160,8 +160,8 @@ class _AxisTable:
     position lies inside the grid, and i's class (indices that share every relative node and
     fraction, hence every interpolation weight)."""
 
-    node: NDArray[np.int64]  # (n_ref, n_values) absolute lower node
-    frac: NDArray[np.float64]  # (n_ref, n_values)
+    node: NDArray[np.int32]  # (n_ref, n_values) absolute lower node
+    frac: NDArray[np.float32]  # (n_ref, n_values)
     valid: NDArray[np.bool_]  # (n_ref, n_values)
     base: NDArray[np.int64]  # (n_ref,) lower node of the reference point itself
     cls: NDArray[np.int64]  # (n_ref,) class of each reference index
@@ -169,9 +169,10 @@ class _AxisTable:
     n_eval: int
 
 
-def _axis_table(
+def _axis_rows(
     ref: NDArray[np.float64], ev: NDArray[np.float64], values: NDArray[np.float64]
-) -> _AxisTable:
+) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.bool_], NDArray[np.int64]]:
+    """Lower node, fraction, inside-ness at ref[i] + values[j], and ref[i]'s own node."""
     q = ref[:, None] + values[None, :]
     n_e = ev.size
     if n_e == 1:
@@ -179,35 +180,47 @@ def _axis_table(
         node = np.zeros(q.shape, dtype=np.int64)
         frac = np.zeros(q.shape)
         valid = np.abs(q - ev[0]) <= 1e-9 * scale
-        base = np.zeros(ref.size, dtype=np.int64)
-    else:
-        node = np.clip(np.searchsorted(ev, q, side="right") - 1, 0, n_e - 2)
-        lo, hi = ev[node], ev[node + 1]
-        frac = (q - lo) / (hi - lo)
-        valid = (frac >= -_SNAP) & (frac <= 1.0 + _SNAP)
-        frac = np.clip(frac, 0.0, 1.0)
-        frac[frac < _SNAP] = 0.0
-        up = (frac > 1.0 - _SNAP) & (node < n_e - 2)
-        node[up] += 1
-        frac[up] = 0.0
-        frac[frac > 1.0 - _SNAP] = 1.0
-        base = np.clip(np.searchsorted(ev, ref, side="right") - 1, 0, n_e - 2)
-    rel = node - base[:, None]
-    signature = np.concatenate(
-        [rel, np.rint(frac / _SNAP).astype(np.int64), valid.astype(np.int64)], axis=1
-    )
+        return node, frac, valid, np.zeros(ref.size, dtype=np.int64)
+    node = np.clip(np.searchsorted(ev, q, side="right") - 1, 0, n_e - 2)
+    lo, hi = ev[node], ev[node + 1]
+    frac = (q - lo) / (hi - lo)
+    valid = (frac >= -_SNAP) & (frac <= 1.0 + _SNAP)
+    np.clip(frac, 0.0, 1.0, out=frac)
+    frac[frac < _SNAP] = 0.0
+    up = (frac > 1.0 - _SNAP) & (node < n_e - 2)
+    node[up] += 1
+    frac[up] = 0.0
+    frac[frac > 1.0 - _SNAP] = 1.0
+    base = np.clip(np.searchsorted(ev, ref, side="right") - 1, 0, n_e - 2)
+    return node, frac, valid, base
+
+
+def _axis_table(
+    ref: NDArray[np.float64], ev: NDArray[np.float64], values: NDArray[np.float64]
+) -> _AxisTable:
+    n_ref, n_val = ref.size, values.size
+    node = np.empty((n_ref, n_val), dtype=np.int32)
+    frac = np.empty((n_ref, n_val), dtype=np.float32)
+    valid = np.empty((n_ref, n_val), dtype=np.bool_)
+    base = np.empty(n_ref, dtype=np.int64)
+    cls = np.empty(n_ref, dtype=np.int64)
     seen: dict[bytes, int] = {}
-    cls = np.empty(ref.size, dtype=np.int64)
     reps: list[int] = []
-    for i, row in enumerate(signature):
-        key = row.tobytes()
-        c = seen.get(key)
-        if c is None:
-            c = seen[key] = len(reps)
-            reps.append(i)
-        cls[i] = c
-    rep = np.asarray(reps, dtype=np.int64)
-    return _AxisTable(node, frac, valid, base, cls, rep, n_e)
+    rows = max(1, (1 << 20) // max(n_val, 1))  # bounded temporaries
+    for r0 in range(0, n_ref, rows):
+        r1 = min(n_ref, r0 + rows)
+        nd, fr, ok, bs = _axis_rows(ref[r0:r1], ev, values)
+        node[r0:r1], frac[r0:r1], valid[r0:r1], base[r0:r1] = nd, fr, ok, bs
+        ticks = np.rint(fr / _SNAP).astype(np.int32)
+        rel = (nd - bs[:, None]).astype(np.int32)
+        for k in range(r1 - r0):
+            key = rel[k].tobytes() + ticks[k].tobytes() + ok[k].tobytes()
+            c = seen.get(key)
+            if c is None:
+                c = seen[key] = len(reps)
+                reps.append(r0 + k)
+            cls[r0 + k] = c
+    return _AxisTable(node, frac, valid, base, cls, np.asarray(reps, dtype=np.int64), ev.size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,10 +519,10 @@ def _solve_points(
         mz, my, mx = band.idx[:, 0], band.idx[:, 1], band.idx[:, 2]
         pts = ijk[act]
         iz, iy, ix = pts[:, 0:1], pts[:, 1:2], pts[:, 2:3]
-        z0, y0, x0 = t[0].node[iz, mz], t[1].node[iy, my], t[2].node[ix, mx]
-        fz = t[0].frac[iz, mz].astype(F32)
-        fy = t[1].frac[iy, my].astype(F32)
-        fx = t[2].frac[ix, mx].astype(F32)
+        z0 = t[0].node[iz, mz].astype(np.int64)
+        y0 = t[1].node[iy, my].astype(np.int64)
+        x0 = t[2].node[ix, mx].astype(np.int64)
+        fz, fy, fx = t[0].frac[iz, mz], t[1].frac[iy, my], t[2].frac[ix, mx]
         ok = t[0].valid[iz, mz] & t[1].valid[iy, my] & t[2].valid[ix, mx]
         z1 = np.minimum(z0 + 1, nz - 1) * (ny * nx)
         y1 = np.minimum(y0 + 1, ny - 1) * nx
@@ -631,8 +644,8 @@ def gamma(
     else:
         inv_global = 1.0 / (frac_dd * norm) if norm > 0 else 1.0
         inv64 = np.full(len(flat_idx), inv_global)
-        ev_flat = np.asarray(evd, dtype=F32).ravel()
-        ev_flat = ev_flat * np.float32(inv_global)
+        ev_flat = np.array(evd, dtype=F32).ravel()  # a copy: scaled in place
+        ev_flat *= np.float32(inv_global)
     inv = inv64.astype(F32)
     # the reference in units of dD, rounded exactly as the evaluated dose is
     dref = dref64.astype(F32) * inv
