@@ -41,6 +41,7 @@ F32 = np.float32
 _SNAP = 1e-6  # fractions this close to a node are on it (keeps classes exact and stable)
 _MIN_CLASS_POINTS = 512  # smaller classes are interpolated point by point (a plan costs ~20 ms)
 _CHUNK = 4096  # reference points per chunk
+_MAX_STEPS = 25  # max_gamma * interp_fraction: bounds the search offsets and their tables
 
 
 class GammaInputError(ValueError):
@@ -75,8 +76,12 @@ class GammaOptions:
             raise GammaInputError(
                 f"interp_fraction must be an integer >= 1, not {self.interp_fraction!r}"
             )
-        if self.max_gamma / (1.0 / self.interp_fraction) > 400:
-            raise GammaInputError("max_gamma * interp_fraction must be at most 400")
+        if self.max_gamma * self.interp_fraction > _MAX_STEPS + 1e-9:
+            # the search offsets grow as its cube, the per-axis tables about as its square
+            raise GammaInputError(
+                f"max_gamma x interp_fraction must be at most {_MAX_STEPS} (search steps out "
+                f"to the largest radius), not {self.max_gamma * self.interp_fraction:g}"
+            )
         if self.normalisation is not None and not (
             math.isfinite(self.normalisation) and self.normalisation > 0
         ):

@@ -241,6 +241,7 @@ def test_should_stop_cancels() -> None:
         {"cutoff_percent": -5},
         {"max_gamma": float("nan")},
         {"interp_fraction": 0},
+        {"max_gamma": 3.0, "interp_fraction": 10},  # too many search steps
         {"normalisation": 0.0},
     ],
 )
