@@ -86,23 +86,25 @@ async def test_gamma_in_the_warm_worker(pair: tuple[Path, Path], tmp_path: Path)
 
 
 async def test_cancelling_stops_the_gamma(tmp_path: Path) -> None:
-    grid = PhantomGrid(nx=110, ny=110, nz=90, dx=2.0, dy=2.0, dz=2.0, x0=-110, y0=-110, z0=-90)
+    grid = PhantomGrid(nx=160, ny=160, nz=120, dx=2.0, dy=2.0, dz=2.0, x0=-160, y0=-160, z0=-120)
     z, y, x = grid_centres(grid)
     zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
     ref = (
         2.0
-        / (1 + np.exp((np.abs(xx) - 60) / 2))
-        / (1 + np.exp((np.abs(yy) - 60) / 2))
-        / (1 + np.exp((np.abs(zz) - 50) / 2))
+        / (1 + np.exp((np.abs(xx) - 90) / 2))
+        / (1 + np.exp((np.abs(yy) - 90) / 2))
+        / (1 + np.exp((np.abs(zz) - 70) / 2))
     )
     ev = np.clip(ref * 1.03 + noise(ref.shape, 0.02, seed=3, scale=2.0), 0, None)
     a = write_dose(tmp_path / "a.dcm", ref, grid)
     b = write_dose(tmp_path / "b.dcm", ev, grid)
-    slow = GammaOptions(dose_percent=1, distance_mm=3, local=True, max_gamma=3, cutoff_percent=1)
+    slow = GammaOptions(
+        dose_percent=0.5, distance_mm=3, local=True, max_gamma=2.5, cutoff_percent=1
+    )
     worker = DoseWorker(timeout_s=300)
     try:
         task = asyncio.create_task(gamma_in_worker(worker, a, b, slow))
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.0)
         assert not task.done()
         proc = worker._proc
         assert proc is not None
