@@ -1,4 +1,4 @@
-"""The `mqi-async` command line: run, demo, status, retry, cancel, check-config."""
+"""The `mqi-async` command line: run, demo, status, retry, cancel, check-config, gamma."""
 
 from __future__ import annotations
 
@@ -65,7 +65,94 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate the config; print it, secrets masked")
     with_config(check)
+
+    gamma = sub.add_parser(
+        "gamma",
+        help="gamma index of an evaluated RT Dose against a reference RT Dose",
+        description="Gamma index of EVALUATED (interpolated) against REFERENCE (its points are "
+        "evaluated); both RT Dose files in one frame of reference, any grids. Exit 0 with the "
+        "result, 2 with a named code when the files cannot be compared.",
+    )
+    gamma.add_argument("reference", metavar="REFERENCE", type=Path, help="reference RT Dose")
+    gamma.add_argument("evaluated", metavar="EVALUATED", type=Path, help="evaluated RT Dose")
+    gamma.add_argument(
+        "--dose-percent",
+        type=_positive,
+        default=3.0,
+        help="dose criterion, %% of the reference maximum (of the local dose with --local); default 3",
+    )
+    gamma.add_argument(
+        "--distance-mm", type=_positive, default=3.0, help="distance criterion in mm; default 3"
+    )
+    gamma.add_argument(
+        "--cutoff-percent",
+        type=_non_negative,
+        default=10.0,
+        help="reference points below this %% of the reference maximum are not evaluated; default 10",
+    )
+    gamma.add_argument("--local", action="store_true", help="local instead of global gamma")
+    gamma.add_argument(
+        "--max-gamma",
+        type=_positive,
+        default=2.0,
+        help="search radius distance-mm x max-gamma; larger gammas are reported as this; default 2",
+    )
+    gamma.add_argument(
+        "--interp-fraction",
+        type=int,
+        default=10,
+        help="search step distance-mm / this, as PyMedPhys's interp_fraction; default 10",
+    )
+    gamma.add_argument("--json", action="store_true", help="one JSON line")
     return p
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
+    return value
+
+
+def _gamma(args: argparse.Namespace) -> int:
+    from mqi_async.qa.compare import compare_files
+    from mqi_async.qa.gamma import GammaInputError, GammaOptions
+
+    try:
+        options = GammaOptions(
+            dose_percent=args.dose_percent,
+            distance_mm=args.distance_mm,
+            cutoff_percent=args.cutoff_percent,
+            local=args.local,
+            max_gamma=args.max_gamma,
+            interp_fraction=args.interp_fraction,
+        )
+        result = compare_files(args.reference, args.evaluated, options)
+    except GammaInputError as exc:
+        _err(f"gamma: {exc}")
+        return EXIT_CONFIG
+    except MqiError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary))
+        return EXIT_OK
+    print(
+        f"gamma {options.dose_percent:g} %/{options.distance_mm:g} mm "
+        f"{summary['normalisation']}, cutoff {options.cutoff_percent:g} %: "
+        f"pass rate {result.pass_rate_percent:.2f} % of {result.evaluated_points} points "
+        f"(gamma mean {result.gamma_mean:.3f}, max {result.gamma_max:.3f}) "
+        f"in {result.seconds:.1f} s"
+    )
+    return EXIT_OK
 
 
 def _err(message: str) -> None:
@@ -158,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.config)
+    if args.command == "gamma":
+        return _gamma(args)
     if args.command == "demo":
         from mqi_async.demo.runner import DemoOptions, run_demo
 

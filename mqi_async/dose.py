@@ -32,6 +32,7 @@ from mqi_async.domain.tps import (
     parse_tps_input,
     phantom_grid,
 )
+from mqi_async.qa.worker import GAMMA_OP, answer_gamma_request
 
 RT_ION_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.8"
 MANUFACTURER = "mqi_async (MOQUI Monte Carlo)"
@@ -463,19 +464,30 @@ def convert_request(request: dict[str, object]) -> str:
 
 
 def serve(lines: Iterable[str], reply: TextIO) -> None:
-    """The warm worker: one JSON request per line in, one JSON answer per line out."""
+    """The warm worker: one JSON request per line in, one JSON answer per line out.
+
+    Conversions and validations answer `{"ok": true, "output": PATH}`; a gamma request
+    (`{"op": "gamma", ...}`, see `mqi_async.qa.worker`) answers `{"ok": true, "result":
+    SUMMARY}`; failures `{"ok": false, "code": CODE, "detail": SENTENCE}`.
+    """
     for line in lines:
         if not line.strip():
             continue
+        failure_code = "dose_conversion_failed"
         try:
             request = json.loads(line)
-            answer: dict[str, object] = {"ok": True, "output": convert_request(request)}
+            answer: dict[str, object]
+            if isinstance(request, dict) and request.get("op") == GAMMA_OP:
+                failure_code = "gamma_failed"
+                answer = {"ok": True, "result": answer_gamma_request(request)}
+            else:
+                answer = {"ok": True, "output": convert_request(request)}
         except MqiError as exc:
             answer = {"ok": False, "code": exc.code, "detail": exc.detail}
         except Exception as exc:  # the worker must answer every request, whatever went wrong
             answer = {
                 "ok": False,
-                "code": "dose_conversion_failed",
+                "code": failure_code,
                 "detail": f"{type(exc).__name__}: {exc}",
             }
         reply.write(json.dumps(answer) + "\n")

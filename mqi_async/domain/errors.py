@@ -253,6 +253,29 @@ FAILURES: dict[str, FailureInfo] = {
         "This MOQUI build aborts with UseAbsolutePath true ('Log Dir is not provided'); set "
         "moqui.UseAbsolutePath: false, then retry the case.",
     ),
+    # dose checks (gamma)
+    "dose_unreadable": FailureInfo(
+        _P, "A dose file is not a readable DICOM RT Dose with pixel data; re-export it."
+    ),
+    "frame_of_reference_mismatch": FailureInfo(
+        _P,
+        "The two doses are in different frames of reference (FrameOfReferenceUID); they "
+        "cannot be compared point by point.",
+    ),
+    "grids_do_not_overlap": FailureInfo(
+        _P, "No reference point above the cutoff lies inside the evaluated dose grid."
+    ),
+    "unsupported_orientation": FailureInfo(
+        _P,
+        "Only axial dose grids (ImageOrientationPatient along the patient x and y axes) are "
+        "supported.",
+    ),
+    "reference_dose_zero": FailureInfo(
+        _P, "The reference dose has no point above the lower cutoff; nothing can be evaluated."
+    ),
+    "gamma_failed": FailureInfo(
+        _T, "The gamma computation failed or its worker died; it is retried."
+    ),
 }
 
 

@@ -1,0 +1,140 @@
+"""Gamma off the event loop: the request the warm dose worker answers, and an async client.
+
+The worker (`python -m mqi_async.dose --serve`, `mqi_async.tools.DoseWorker`) takes one JSON
+request per line; `{"op": "gamma", ...}` is answered by `answer_gamma_request` with the
+summary of CONTRACT.md (`mqi-async gamma --json`). Cancelling the awaiting task kills the
+worker's process group, which stops the computation; memory stays bounded by the gamma's
+chunks. This module imports no asyncio: `gamma_in_worker` awaits whatever worker it is given.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from mqi_async.domain.errors import (
+    FailureKind,
+    MqiError,
+    PermanentError,
+    TransientError,
+    failure_info,
+)
+from mqi_async.qa.compare import compare_files
+from mqi_async.qa.gamma import GammaInputError, GammaOptions
+
+GAMMA_OP = "gamma"
+
+
+class Requester(Protocol):
+    """What the gamma needs of a worker: one JSON-able request in, one answer out."""
+
+    async def request(self, payload: Mapping[str, object]) -> dict[str, object]: ...
+
+
+def gamma_request(
+    reference: str | os.PathLike[str],
+    evaluated: str | os.PathLike[str],
+    options: GammaOptions,
+    *,
+    gamma_output: str | os.PathLike[str] | None = None,
+) -> dict[str, object]:
+    """The worker request for one gamma; `gamma_output` (.npy) receives the gamma map."""
+    request: dict[str, object] = {
+        "op": GAMMA_OP,
+        "reference": str(reference),
+        "evaluated": str(evaluated),
+        "dose_percent": options.dose_percent,
+        "distance_mm": options.distance_mm,
+        "cutoff_percent": options.cutoff_percent,
+        "local": options.local,
+        "max_gamma": options.max_gamma,
+        "interp_fraction": options.interp_fraction,
+    }
+    if gamma_output is not None:
+        request["gamma_output"] = str(gamma_output)
+    return request
+
+
+def _options(request: Mapping[str, object]) -> GammaOptions:
+    def num(key: str, default: float) -> float:
+        value = request.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise GammaInputError(f"{key} must be a number, not {value!r}")
+        return float(value)
+
+    fraction = request.get("interp_fraction", 10)
+    if isinstance(fraction, bool) or not isinstance(fraction, int):
+        raise GammaInputError(f"interp_fraction must be an integer, not {fraction!r}")
+    return GammaOptions(
+        dose_percent=num("dose_percent", 3.0),
+        distance_mm=num("distance_mm", 3.0),
+        cutoff_percent=num("cutoff_percent", 10.0),
+        local=bool(request.get("local", False)),
+        max_gamma=num("max_gamma", 2.0),
+        interp_fraction=fraction,
+    )
+
+
+def answer_gamma_request(request: Mapping[str, object]) -> dict[str, object]:
+    """Carry out one gamma request (in the worker); returns the summary.
+
+    Raises:
+        MqiError: dose_unreadable, frame_of_reference_mismatch, grids_do_not_overlap,
+            unsupported_orientation, reference_dose_zero; internal_error for a bad request.
+    """
+    try:
+        options = _options(request)
+    except GammaInputError as exc:
+        raise PermanentError("internal_error", f"bad gamma request: {exc}") from exc
+    result = compare_files(str(request["reference"]), str(request["evaluated"]), options)
+    summary = result.summary()
+    target = request.get("gamma_output")
+    if target:
+        out = Path(str(target))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, result.gamma)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        summary["gamma_output"] = str(out)
+    return summary
+
+
+async def gamma_in_worker(
+    worker: Requester,
+    reference: str | os.PathLike[str],
+    evaluated: str | os.PathLike[str],
+    options: GammaOptions,
+    *,
+    gamma_output: str | os.PathLike[str] | None = None,
+) -> dict[str, object]:
+    """Run one gamma in `worker` (e.g. the service's DoseWorker) and return its summary.
+
+    Raises the named failure the worker answered: PermanentError for the dose-check codes,
+    TransientError (`gamma_failed`) when the worker itself failed.
+    """
+    try:
+        answer = await worker.request(
+            gamma_request(reference, evaluated, options, gamma_output=gamma_output)
+        )
+    except MqiError as exc:
+        raise TransientError("gamma_failed", f"the dose worker failed: {exc.detail}") from exc
+    if answer.get("ok"):
+        result = answer.get("result")
+        if not isinstance(result, dict):
+            raise TransientError("gamma_failed", f"the worker answered no result: {answer!r}")
+        return result
+    code = str(answer.get("code") or "gamma_failed")
+    detail = str(answer.get("detail") or "")
+    if failure_info(code).kind is FailureKind.PERMANENT:
+        raise PermanentError(code, detail)
+    raise TransientError(code, detail)
