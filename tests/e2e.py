@@ -185,6 +185,17 @@ async def wait_until(
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
+async def wait_all_running(service: Service, case_id: str, beams: int) -> None:
+    """Wait until all `beams` beams of a case are RUNNING (a run is in flight on the host)."""
+    from mqi_async.domain.model import BeamStatus
+
+    async def running() -> bool:
+        rows = await service.store.list_beams(case_id)
+        return len(rows) == beams and all(b.status == BeamStatus.RUNNING for b in rows)
+
+    await wait_until(running, timeout_s=60, what=f"beams of {case_id} running")
+
+
 async def statuses(service: Service) -> dict[str, str]:
     return {c.case_id: str(c.status) for c in await service.store.snapshot()}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mqi_async.domain.model import BeamStatus, RunStatus
-from tests.e2e import make_rig, running_service, statuses, wait_until
+from tests.e2e import make_rig, running_service, statuses, wait_all_running, wait_until
 from tests.sshd import SshdServer
 
 pytestmark = [
@@ -60,12 +60,7 @@ async def test_a_full_disk_under_the_database_pauses_and_resumes(
         )  # fmt: skip
         rig.drop_case("DBFULL", beams=2)
         async with running_service(rig.settings()) as svc:
-
-            async def running() -> bool:
-                beams = await svc.store.list_beams("DBFULL")
-                return len(beams) == 2 and all(b.status == BeamStatus.RUNNING for b in beams)
-
-            await wait_until(running, timeout_s=60, what="beams running")
+            await wait_all_running(svc, "DBFULL", 2)
             await asyncio.to_thread(_checkpoint, db_dir / "mqi.db")
             filler = await asyncio.to_thread(_fill, db_dir)
             try:

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from mqi_async.domain.model import BeamStatus, RunStatus
-from tests.e2e import make_rig, running_service, statuses, wait_until
+from tests.e2e import make_rig, running_service, statuses, wait_all_running, wait_until
 from tests.sshd import SshdServer
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
@@ -152,12 +152,7 @@ async def test_host_down_pauses_then_resumes(tmp_path: Path, sshd: SshdServer) -
     rig = make_rig(tmp_path / "rig", sshd, gpus=2, run_seconds=4)
     rig.drop_case("DOWN", beams=2)
     async with running_service(rig.settings()) as svc:
-
-        async def running() -> bool:
-            beams = await svc.store.list_beams("DOWN")
-            return len(beams) == 2 and all(b.status == BeamStatus.RUNNING for b in beams)
-
-        await wait_until(running, timeout_s=60, what="beams running")
+        await wait_all_running(svc, "DOWN", 2)
         sshd.stop()
         try:
 

@@ -15,7 +15,7 @@ import pytest
 from mqi_async.domain.errors import TransientError
 from mqi_async.domain.model import BeamStatus, RunStatus
 from mqi_async.hpc.ssh import SshPool
-from tests.e2e import Rig, make_rig, running_service, statuses, wait_until
+from tests.e2e import Rig, make_rig, running_service, statuses, wait_all_running, wait_until
 from tests.sshd import SshdServer
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
@@ -39,12 +39,7 @@ async def test_runs_that_finish_during_an_outage_past_their_deadline_are_kept(
     )
     rig.drop_case("OUTAGE", beams=2)
     async with running_service(rig.settings()) as svc:
-
-        async def running() -> bool:
-            beams = await svc.store.list_beams("OUTAGE")
-            return len(beams) == 2 and all(b.status == BeamStatus.RUNNING for b in beams)
-
-        await wait_until(running, timeout_s=60, what="beams running")
+        await wait_all_running(svc, "OUTAGE", 2)
         sshd.stop()
         try:
             await asyncio.sleep(9)
@@ -136,12 +131,7 @@ async def test_cancel_while_the_host_is_down_kills_once_it_is_back(
     rig.fail_beams("hang")
     rig.drop_case("CXL", beams=2)
     async with running_service(rig.settings()) as svc:
-
-        async def running() -> bool:
-            beams = await svc.store.list_beams("CXL")
-            return len(beams) == 2 and all(b.status == BeamStatus.RUNNING for b in beams)
-
-        await wait_until(running, timeout_s=60, what="beams running")
+        await wait_all_running(svc, "CXL", 2)
         sshd.stop()
         try:
             await _cancel(rig)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from mqi_async.domain.model import BeamStatus, RunStatus
-from tests.e2e import BIN, make_rig, running_service, statuses, wait_until
+from tests.e2e import BIN, make_rig, running_service, statuses, wait_all_running, wait_until
 from tests.sshd import SshdServer
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
@@ -146,12 +146,7 @@ async def test_cancel_kills_jobs_and_retry_completes(tmp_path: Path, sshd: SshdS
     rig.fail_beams("hang")
     rig.drop_case("CANCEL", beams=2)
     async with running_service(rig.settings()) as svc:
-
-        async def running() -> bool:
-            beams = await svc.store.list_beams("CANCEL")
-            return len(beams) == 2 and all(b.status == BeamStatus.RUNNING for b in beams)
-
-        await wait_until(running, timeout_s=60, what="beams running")
+        await wait_all_running(svc, "CANCEL", 2)
         res = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "mqi_async", "cancel", "CANCEL", "-c", str(rig.config_path)],
