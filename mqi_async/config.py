@@ -215,6 +215,44 @@ class RetentionSettings(_Section):
     sweep_seconds: Annotated[float, Field(gt=0)] = 600
 
 
+class GammaCriteriaSettings(_Section):
+    """Criteria of the 3-D dose gamma (qa.gamma)."""
+
+    dose_percent: Annotated[float, Field(gt=0)] = 3.0
+    distance_mm: Annotated[float, Field(gt=0)] = 3.0
+    cutoff_percent: Annotated[float, Field(ge=0, lt=100)] = 10.0
+    normalisation: Literal["global", "local"] = "global"
+    max_gamma: Annotated[float, Field(gt=0, le=25)] = 2.0
+
+
+class DeliveryGammaSettings(_Section):
+    """Criteria of the per-layer 2-D fluence gamma of the delivery check (qa.delivery_gamma)."""
+
+    dose_percent: Annotated[float, Field(gt=0)] = 2.0
+    distance_mm: Annotated[float, Field(gt=0)] = 2.0
+    cutoff_percent: Annotated[float, Field(ge=0, lt=100)] = 10.0
+
+
+class QaSettings(_Section):
+    """The dose checks: what the delivered dose is compared with, and the verdict thresholds."""
+
+    reference: Literal["planned_mc", "tps_dose", "none"] = "planned_mc"
+    gamma: GammaCriteriaSettings = GammaCriteriaSettings()
+    delivery_gamma: DeliveryGammaSettings = DeliveryGammaSettings()
+    #: passed at or above this gamma pass rate (percent)
+    pass_percent: Annotated[float, Field(ge=0, le=100)] = 95.0
+    #: conditional at or above this, else failed
+    conditional_percent: Annotated[float, Field(ge=0, le=100)] = 80.0
+    #: a PDF and an HTML report per case when its checks finish
+    report: bool = True
+
+    @model_validator(mode="after")
+    def _ordered_thresholds(self) -> QaSettings:
+        if self.conditional_percent > self.pass_percent:
+            raise ValueError("conditional_percent must not exceed pass_percent")
+        return self
+
+
 def default_moqui() -> dict[str, str | int | float | bool]:
     return {
         "RandomSeed": -1932780356,
@@ -273,6 +311,7 @@ class Settings(BaseSettings):
     ui: UiSettings = UiSettings()
     logging: LoggingSettings = LoggingSettings()
     retention: RetentionSettings = RetentionSettings()
+    qa: QaSettings = QaSettings()
 
     #: folder of the config file; relative paths were resolved against it
     config_dir: Path = Field(default=Path("."), exclude=True)
