@@ -14,7 +14,7 @@ import yaml
 
 from mqi_async import __version__
 from mqi_async.config import IGNORE_HOST_KEYS, Settings, effective_config, load_settings
-from mqi_async.domain.errors import ConfigError, DatabaseError, MqiError
+from mqi_async.domain.errors import ConfigError, DatabaseError, MqiError, failure_info
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -223,6 +223,12 @@ async def _status(settings: Settings, as_json: bool) -> int:
         if host["name"] in unverified:
             line += " [UNVERIFIED: host key not checked (known_hosts: ignore)]"
         print(line + (f" ({host['error']})" if host["error"] else ""))
+    for folder in doc["skipped_folders"]:  # type: ignore[attr-defined]
+        detail = f" ({folder['detail']})" if folder["detail"] else ""
+        print(
+            f"skipped folder {folder['path']}: {folder['reason']}{detail} — "
+            f"{failure_info(folder['reason']).advice}"
+        )
     print(_status_table(doc["cases"]))  # type: ignore[arg-type]
     return EXIT_OK
 

@@ -23,7 +23,9 @@ from mqi_async.config import (
     SlurmHostSettings,
     SshHostSettings,
 )
+from mqi_async.domain.errors import format_error
 from mqi_async.domain.privacy import case_key
+from mqi_async.domain.records import SkippedFolder
 from mqi_async.domain.retention import RetentionPolicy
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings
@@ -231,7 +233,16 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
                 study_safe_name=case.study_safe_name,
             )
 
-        watcher = CaseWatcher(settings.scan_directory, settings.ingest, on_case)
+        async def on_skipped(folders: list[SkippedFolder]) -> None:
+            for folder in await store.replace_skipped_folders(folders):
+                log.warning(
+                    "skipping folder %s: %s",
+                    folder.path,
+                    format_error(folder.reason, folder.detail),
+                    extra={"component": "watcher"},
+                )
+
+        watcher = CaseWatcher(settings.scan_directory, settings.ingest, on_case, on_skipped)
         yield Service(
             settings=settings,
             store=store,

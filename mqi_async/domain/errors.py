@@ -216,6 +216,16 @@ FAILURES: dict[str, FailureInfo] = {
         "The case folder (or a file in it) is a symbolic link that leaves the scan directory;"
         " links are never followed there. Copy the data into the scan directory instead.",
     ),
+    "folder_name_not_utf8": FailureInfo(
+        _P,
+        "A folder name in the scan directory is not valid UTF-8 (a name from another code"
+        " page); it is skipped. Rename it to UTF-8 (e.g. `convmv -f cp1252 -t utf8`).",
+    ),
+    "folder_unreadable": FailureInfo(
+        _P,
+        "A folder in the scan directory cannot be listed by the service's user; it is"
+        " skipped. Give that user read and execute permission on it.",
+    ),
     "ssh_negotiation_failed": FailureInfo(
         _H,
         "The SSH client and server share no key-exchange, cipher or host-key algorithm;"

@@ -187,3 +187,14 @@ class ResolvedCase:
     plan_path: str
     plan: Plan
     resolution: CaseResolution
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SkippedFolder:
+    """A folder in the scan directory that intake cannot take, shown in `status` and the
+    dashboard: `path` is printable text (bytes that are not UTF-8 appear as `\\xNN`)."""
+
+    path: str
+    #: a named code: `folder_name_not_utf8`, `folder_unreadable`
+    reason: str
+    detail: str = ""

@@ -13,7 +13,7 @@ import pydicom
 from mqi_async.domain.errors import IngestError
 from mqi_async.domain.fractions import DeliveryInput, Waiting, resolve_case
 from mqi_async.domain.plan import find_rtplan_candidates, select_rtplan
-from mqi_async.domain.records import ResolvedCase
+from mqi_async.domain.records import ResolvedCase, SkippedFolder
 from mqi_async.ingest.layout import (
     PLANINFO_NAME,
     ROOMS,
@@ -150,17 +150,50 @@ def _cases_behind_link(scan_dir: str, link: str, marker: str) -> list[FoundCase]
     return found
 
 
-def scan_tree(scan_dir: str, root: str, marker: str, *, max_depth: int = 6) -> list[FoundCase]:
+def printable_path(path: str) -> str:
+    """`path` as text any terminal or database takes: bytes that are not UTF-8 become `\\xNN`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates
+        return False
+    return True
+
+
+def scan_tree(
+    scan_dir: str,
+    root: str,
+    marker: str,
+    *,
+    max_depth: int = 6,
+    skipped: list[SkippedFolder] | None = None,
+) -> list[FoundCase]:
     """Every ready case at or below `root` (a bounded walk; staging folders are skipped).
 
     Links are never walked: one that stays inside the scan directory leads to folders found
     as themselves; the cases behind one that leaves it are reported (and fail unread).
+    Folders that cannot be taken (a name that is not UTF-8, no permission to list) are not
+    walked; with `skipped` given, each is appended to it with its reason.
     """
     if via_link(scan_dir, root):
         return _cases_behind_link(scan_dir, root, marker) if outside_scan(scan_dir, root) else []
     found: list[FoundCase] = []
     base_depth = os.path.normpath(root).count(os.sep)
-    for dirpath, dirnames, _files in os.walk(root):
+
+    def unreadable(exc: OSError) -> None:
+        if skipped is not None and exc.filename is not None:
+            skipped.append(
+                SkippedFolder(
+                    path=printable_path(os.fsdecode(exc.filename)),
+                    reason="folder_unreadable",
+                    detail=exc.strerror or type(exc).__name__,
+                )
+            )
+
+    for dirpath, dirnames, _files in os.walk(root, onerror=unreadable):
         case = check_case_dir(scan_dir, dirpath, marker)
         if case is not None:
             found.append(case)
@@ -171,6 +204,13 @@ def scan_tree(scan_dir: str, root: str, marker: str, *, max_depth: int = 6) -> l
         for d in sorted(dirnames):
             full = os.path.join(dirpath, d)
             if is_staging_component(d):
+                continue
+            if not _is_utf8(d):
+                # the database stores names as text: such a case could never be recorded
+                if skipped is not None:
+                    skipped.append(
+                        SkippedFolder(path=printable_path(full), reason="folder_name_not_utf8")
+                    )
                 continue
             if os.path.islink(full):
                 if outside_scan(scan_dir, full):
@@ -190,6 +230,8 @@ def check_candidates(scan_dir: str, paths: list[str], marker: str) -> list[Found
     makes ready are below it, not above."""
     seen: dict[str, FoundCase] = {}
     for path in paths:
+        if not _is_utf8(path):
+            continue  # never storable; the next full scan lists it as skipped
         below = os.path.dirname(path) if os.path.basename(path) == marker else path
         if os.path.isdir(below) and not (below != path and is_scan_root_or_room(scan_dir, below)):
             for case in scan_tree(scan_dir, below, marker, max_depth=3):

@@ -13,6 +13,7 @@ from pathlib import Path
 from watchfiles import Change, awatch
 
 from mqi_async.config import IngestSettings
+from mqi_async.domain.records import SkippedFolder
 from mqi_async.ingest.layout import ROOMS, PathKind, classify_event_path
 from mqi_async.ingest.reader import FoundCase, check_candidates, scan_tree
 
@@ -44,6 +45,8 @@ _FAILURE_MEMORY_S = 300.0
 
 #: called once per ready case found; `new_ptn` when a *.ptn file was just added to it
 OnCase = Callable[[FoundCase, bool], Awaitable[None]]
+#: called after every full scan with the folders it could not take (possibly none)
+OnSkipped = Callable[[list[SkippedFolder]], Awaitable[None]]
 
 
 def filesystem_type(path: Path) -> str:
@@ -82,10 +85,17 @@ async def _next_changes(
 class CaseWatcher:
     """Finds ready cases; each is reported (idempotently downstream) however many events it makes."""
 
-    def __init__(self, scan_directory: Path, settings: IngestSettings, on_case: OnCase) -> None:
+    def __init__(
+        self,
+        scan_directory: Path,
+        settings: IngestSettings,
+        on_case: OnCase,
+        on_skipped: OnSkipped | None = None,
+    ) -> None:
         self._dir = scan_directory
         self._s = settings
         self._on_case = on_case
+        self._on_skipped = on_skipped
         fstype = filesystem_type(scan_directory) if scan_directory.exists() else ""
         self.force_polling = settings.force_polling or fstype in _NETWORK_FS
         if self.force_polling and not settings.force_polling:
@@ -106,11 +116,24 @@ class CaseWatcher:
         """Scan the whole tree once and report every ready case."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        skipped: list[SkippedFolder] = []
         found = await asyncio.to_thread(
-            scan_tree, str(self._dir), str(self._dir), self._s.ready_marker, max_depth=8
+            scan_tree,
+            str(self._dir),
+            str(self._dir),
+            self._s.ready_marker,
+            max_depth=8,
+            skipped=skipped,
         )
         for case in found:
             await self._report(case, False)
+        if self._on_skipped is not None:
+            try:
+                await self._on_skipped(skipped)
+            except Exception:  # a list for people to read must never stop intake
+                log.exception(
+                    "could not record the skipped folders", extra={"component": "watcher"}
+                )
         self.last_scan_s = loop.time() - started
         log.info("scan found %d ready case(s) in %.2f s", len(found), self.last_scan_s)
         return found

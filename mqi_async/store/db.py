@@ -29,6 +29,7 @@ from mqi_async.domain.records import (
     NewCase,
     NewDelivery,
     RunRow,
+    SkippedFolder,
 )
 from mqi_async.store.beams import Beams
 from mqi_async.store.cases import Cases
@@ -52,6 +53,7 @@ from mqi_async.store.leases import Leases
 from mqi_async.store.runs import Runs
 from mqi_async.store.schema import migrate
 from mqi_async.store.session import Session, is_corruption, is_unwritable, unwritable_error
+from mqi_async.store.skipped import SkippedFolderRow, SkippedFolders
 from mqi_async.store.snapshot import (
     CaseSnapshot,
     DashboardCounts,
@@ -93,6 +95,7 @@ class Transaction:
         "hosts",
         "leases",
         "runs",
+        "skipped",
     )
 
     def __init__(self, session: Session) -> None:
@@ -106,6 +109,7 @@ class Transaction:
         self.leases = Leases(session)
         self.events = Events(session)
         self.commands = Commands(session)
+        self.skipped = SkippedFolders(session)
 
     @property
     def at(self) -> datetime:
@@ -540,6 +544,23 @@ class Store:
         async with self.read() as tx:
             return await tx.hosts.find()
 
+    async def replace_skipped_folders(
+        self, folders: Sequence[SkippedFolder]
+    ) -> list[SkippedFolder]:
+        """Record what a full scan skipped (see `SkippedFolders.replace`); returns the new
+        ones, each also written as a `folder_skipped` event."""
+        async with self.transaction() as tx:
+            new = await tx.skipped.replace(folders)
+            for f in new:
+                await tx.events.append(
+                    "folder_skipped", f"{f.reason}: {f.path}", data={"path": f.path}
+                )
+            return new
+
+    async def list_skipped_folders(self) -> list[SkippedFolderRow]:
+        async with self.read() as tx:
+            return await tx.skipped.find()
+
     async def lease_gpus(self, beam_id: str, host: str, uuids: Sequence[str]) -> bool:
         """See `Leases.take`: all or nothing; False when any GPU is held by another beam."""
         async with self.transaction() as tx:
@@ -616,12 +637,17 @@ async def read_status_document(path: str | os.PathLike[str]) -> dict[str, object
     """The cases (the `status --json` document) and the hosts' states, for the `status` command."""
     db_path = absolute(path)
     if await asyncio.to_thread(is_missing_or_empty, db_path):
-        return {"cases": [], "hosts": []}
+        return {"cases": [], "hosts": [], "skipped_folders": []}
     async with await Store.open_readonly(db_path) as store:
         async with store.read() as tx:
             cases = await tx.snapshot()
             hosts = await tx.hosts.find()
-    return {"cases": [c.as_dict() for c in cases], "hosts": [h.as_dict() for h in hosts]}
+            skipped = await tx.skipped.find()
+    return {
+        "cases": [c.as_dict() for c in cases],
+        "hosts": [h.as_dict() for h in hosts],
+        "skipped_folders": [f.as_dict() for f in skipped],
+    }
 
 
 #: below this much free space next to the database, `status` says writes will fail

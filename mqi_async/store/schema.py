@@ -197,12 +197,22 @@ _V5 = """
 ALTER TABLE hosts ADD COLUMN detail TEXT;
 """
 
+_V6 = """
+CREATE TABLE skipped_folders (
+    path    TEXT PRIMARY KEY,
+    reason  TEXT NOT NULL,
+    detail  TEXT NOT NULL DEFAULT '',
+    since   TEXT NOT NULL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(version=1, description="initial schema", sql=_V1),
     Migration(version=2, description="case priorities", sql=_V2),
     Migration(version=3, description="leased GPU indices and operator retry base", sql=_V3),
     Migration(version=4, description="host states for status", sql=_V4),
     Migration(version=5, description="a cluster's queue line for the dashboard", sql=_V5),
+    Migration(version=6, description="folders the scan skipped, for status", sql=_V6),
 )
 
 #: The schema version this code reads and writes.

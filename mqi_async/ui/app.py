@@ -21,9 +21,11 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, RichLog, Static
 from textual.widgets.data_table import RowKey
 
+from mqi_async.config import IGNORE_HOST_KEYS
 from mqi_async.domain.model import CaseStatus
 from mqi_async.domain.records import CommandKind
 from mqi_async.store import BeamSnapshot, CaseSnapshot, EventRow, GpuRow, LeaseRow, Store
+from mqi_async.store.skipped import SkippedFolderRow
 from mqi_async.store.snapshot import DashboardCounts
 from mqi_async.ui.widgets import ConfirmDialog, LogScreen, PriorityDialog, guarded, report_failure
 
@@ -46,6 +48,8 @@ class Dashboard:
     clusters: Mapping[str, str] = field(default_factory=dict)
     hosts: Mapping[str, str] = field(default_factory=dict)
     state: str = "running"
+    #: folders the last scan could not take (names not UTF-8, unreadable)
+    skipped: Sequence[SkippedFolderRow] = ()
 
 
 def progress_bar(percent: int, width: int = 10) -> str:
@@ -156,6 +160,8 @@ class DashboardApp(App[None]):
     #beams { height: 1fr; }
     #gpus { height: 1fr; }
     #events { height: 1fr; border-top: solid $primary; }
+    #skipped { height: auto; max-height: 4; background: $warning 30%; padding: 0 1; }
+    #skipped.empty { display: none; }
     #filter { display: none; }
     #filter.visible { display: block; }
     """
@@ -200,6 +206,7 @@ class DashboardApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield Static("mqi-async", id="header")
+        yield Static("", id="skipped", classes="empty", markup=False)
         yield Input(
             placeholder="filter cases (enter to apply, escape to clear)", id="filter", disabled=True
         )
@@ -261,6 +268,7 @@ class DashboardApp(App[None]):
             clusters={h.name: h.detail for h in await self._store.list_hosts() if h.detail},
             hosts=self._hosts_state(),
             state=self._service_state(),
+            skipped=await self._store.list_skipped_folders(),
         )
 
     async def refresh_view(self) -> None:
@@ -271,6 +279,7 @@ class DashboardApp(App[None]):
             self._last = dash
             now = datetime.now(UTC)
             self._render_header(dash)
+            self._render_skipped(dash)
             self._render_cases(dash, now)
             self._render_beams(dash, now)
             self._render_gpus(dash)
@@ -290,6 +299,16 @@ class DashboardApp(App[None]):
             f"{active} active · {by_case.get('completed', 0)} completed · "
             f"{by_case.get('failed', 0)} failed · {queued} beam(s) waiting for a GPU"
         )
+
+    def _render_skipped(self, dash: Dashboard) -> None:
+        widget = self.query_one("#skipped", Static)
+        widget.set_class(not dash.skipped, "empty")
+        if not dash.skipped:
+            return
+        shown = [f"skipped {f.path}: {f.reason}" for f in dash.skipped[:3]]
+        if len(dash.skipped) > 3:
+            shown.append(f"… and {len(dash.skipped) - 3} more (mqi-async status lists them)")
+        widget.update("\n".join(shown))
 
     @staticmethod
     def _sync(
@@ -515,16 +534,23 @@ class DashboardCrashed(Exception):
 def dashboard_for(service: Any) -> DashboardApp:
     """The dashboard of a running `service.Service`: its store, hosts and stop request."""
     engine = service.engine
+    unverified = {
+        h.name
+        for h in service.settings.hosts
+        if getattr(h, "known_hosts", None) == IGNORE_HOST_KEYS
+    }
 
     def hosts_state() -> dict[str, str]:
         out = {}
         for name, host in service.hosts.items():
             err = engine.host_errors.get(name)
-            out[name] = (
+            state = (
                 "connected"
                 if host.is_available() and not err
                 else f"paused ({(err or 'connecting')[:40]})"
             )
+            # known_hosts: ignore — anyone on the path could be this host
+            out[name] = f"{state} UNVERIFIED" if name in unverified else state
         return out
 
     return DashboardApp(
