@@ -40,9 +40,9 @@ def free_gpus(
     sample: GpuSample,
     *,
     leased: frozenset[str],
-    released_at: Mapping[str, datetime],
     policy: GpuPolicy,
-    now: datetime,
+    age_s: float,
+    released_since: frozenset[str] = frozenset(),
     own_pids: Mapping[str, frozenset[int]] | None = None,
 ) -> list[GpuInfo]:
     """GPUs of a sample that a new beam may use now.
@@ -51,10 +51,12 @@ def free_gpus(
     and no foreign compute process runs on it. `own_pids` are the processes seen on each GPU
     while one of our beams held it: after the release they are known to have ended, so a
     sample still showing them (and their memory) does not make the GPU wait for the next
-    poll. In `all_gpus` mode the host must really be idle: only a sample taken after the
-    last release counts (docs/domain.md §2.1, the serial multi-GPU gate).
+    poll. In `all_gpus` mode the host must really be idle: a GPU in `released_since` (freed
+    after this sample was taken) does not count (docs/domain.md §2.1, the serial multi-GPU
+    gate). `age_s` comes from a monotonic clock, so a wall-clock jump neither revives a stale
+    sample nor ages a fresh one.
     """
-    if (now - sample.taken_at).total_seconds() > policy.max_sample_age_s:
+    if age_s > policy.max_sample_age_s:
         return []
     own = own_pids or {}
     apps_on: dict[str, list[ComputeApp]] = {}
@@ -70,10 +72,7 @@ def free_gpus(
         apps = apps_on.get(g.uuid, [])
         if any(a.pid not in mine for a in apps):
             continue
-        freed = released_at.get(g.uuid)
-        if policy.allocation == "all_gpus" and (
-            apps or (freed is not None and sample.taken_at <= freed)
-        ):
+        if policy.allocation == "all_gpus" and (apps or g.uuid in released_since):
             continue
         memory_free_mb = g.memory_free_mb + sum(a.used_memory_mb for a in apps)
         if memory_free_mb < policy.min_free_memory_mb:
@@ -86,14 +85,19 @@ def choose_gpus(
     sample: GpuSample,
     *,
     leased: frozenset[str],
-    released_at: Mapping[str, datetime],
     policy: GpuPolicy,
-    now: datetime,
+    age_s: float,
+    released_since: frozenset[str] = frozenset(),
     own_pids: Mapping[str, frozenset[int]] | None = None,
 ) -> GpuChoice | None:
     """The GPUs one beam gets on this host, or None when it must wait."""
     free = free_gpus(
-        sample, leased=leased, released_at=released_at, policy=policy, now=now, own_pids=own_pids
+        sample,
+        leased=leased,
+        policy=policy,
+        age_s=age_s,
+        released_since=released_since,
+        own_pids=own_pids,
     )
     if not free:
         return None

@@ -126,9 +126,9 @@ class Engine:
     def wake(self) -> None:
         self._wake.set()
 
-    def _on_sample(self, sample: GpuSample) -> None:
+    def _on_sample(self, sample: GpuSample, polled_at: float) -> None:
         self.host_errors[sample.host] = None
-        self.scheduler.on_sample(sample)
+        self.scheduler.on_sample(sample, polled_at)
 
     def _on_host_error(self, host: str, exc: MqiError) -> None:
         if self.host_errors.get(host) != str(exc):

@@ -26,7 +26,7 @@ class GpuPoller:
         *,
         store: Store,
         interval_s: float,
-        on_sample: Callable[[GpuSample], None],
+        on_sample: Callable[[GpuSample, float], None],
         on_host_error: Callable[[str, MqiError], None],
     ) -> None:
         self._host = host
@@ -55,6 +55,8 @@ class GpuPoller:
         # tells the engine a paused host is back
         while True:
             self._now.clear()
+            # stamped before the poll: the sample shows the host at or after this moment
+            polled_at = asyncio.get_running_loop().time()
             try:
                 sample = await self._host.sample_gpus()
             except MqiError as exc:
@@ -62,7 +64,7 @@ class GpuPoller:
                 self._on_host_error(self._host.name, exc)
             else:
                 self.last_error = None
-                self._on_sample(sample)
+                self._on_sample(sample, polled_at)
                 await self._store.record_gpu_sample(sample)
                 if not self._host.leases_gpus:
                     await self._record_queue()

@@ -7,7 +7,6 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from mqi_async.domain.gpus import GpuSample
 from mqi_async.domain.scheduling import GpuPolicy, choose_gpus, pick_host_order
@@ -52,7 +51,10 @@ class GpuScheduler:
         self._max_jobs = max_jobs
         self._request_sample = request_sample
         self._samples: dict[str, GpuSample] = {}
-        self._released_at: dict[str, datetime] = {}
+        #: host -> monotonic time its latest sample's poll began (ages never use wall time)
+        self._polled_at: dict[str, float] = {}
+        #: GPU uuid -> monotonic time of its latest release
+        self._released_at: dict[str, float] = {}
         self._queue: list[_Request] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -63,7 +65,8 @@ class GpuScheduler:
         #: beams currently holding a slot on a scheduler-allocated host (slurm)
         self._slots: dict[str, set[str]] = {name: set() for name in hosts}
 
-    def on_sample(self, sample: GpuSample) -> None:
+    def on_sample(self, sample: GpuSample, polled_at: float) -> None:
+        """Take a host's new sample; `polled_at` is the monotonic time its poll began."""
         seen: dict[str, set[int]] = {}
         for app in sample.apps:
             seen.setdefault(app.gpu_uuid, set()).add(app.pid)
@@ -74,12 +77,13 @@ class GpuScheduler:
                 self._own_pids[g.uuid] = self._own_pids.get(g.uuid, frozenset()) | here
                 continue
             freed = self._released_at.get(g.uuid)
-            if freed is not None and sample.taken_at > freed:
+            if freed is not None and polled_at > freed:
                 # taken after our job ended: whatever still runs there is someone else's
                 self._own_pids[g.uuid] = frozenset()
             else:
                 self._own_pids[g.uuid] = self._own_pids.get(g.uuid, frozenset()) & here
         self._samples[sample.host] = sample
+        self._polled_at[sample.host] = polled_at
         self._wake.set()
 
     def wake(self) -> None:
@@ -119,7 +123,7 @@ class GpuScheduler:
         """Free the beam's GPUs; the next grant on them waits for a sample taken after now."""
         released = await self._store.list_leases(beam_id=beam_id)
         await self._store.release_leases(beam_id)
-        now = self._clock.now()
+        now = self._clock.monotonic()
         hosts = {lease.host for lease in released}
         for lease in released:
             self._released_at[lease.uuid] = now
@@ -144,7 +148,7 @@ class GpuScheduler:
         leases = await self._store.list_leases()
         leased = frozenset(lease.uuid for lease in leases)
         busy_hosts = {lease.host for lease in leases}
-        now = self._clock.now()
+        now = self._clock.monotonic()
         for req in sorted(self._queue):
             if req.future.done():
                 continue
@@ -157,7 +161,7 @@ class GpuScheduler:
             req.future.set_result(grant)
 
     async def _place(
-        self, beam_id: str, leased: frozenset[str], busy_hosts: set[str], now: datetime
+        self, beam_id: str, leased: frozenset[str], busy_hosts: set[str], now: float
     ) -> Grant | None:
         gpu_samples = [
             s
@@ -168,12 +172,15 @@ class GpuScheduler:
             policy = self._policies[sample.host]
             if policy.allocation == "all_gpus" and sample.host in busy_hosts:
                 continue
+            polled_at = self._polled_at[sample.host]
             choice = choose_gpus(
                 sample,
                 leased=leased,
-                released_at=self._released_at,
                 policy=policy,
-                now=now,
+                age_s=now - polled_at,
+                released_since=frozenset(
+                    uuid for uuid, freed in self._released_at.items() if freed >= polled_at
+                ),
                 own_pids=self._own_pids,
             )
             if choice is None:

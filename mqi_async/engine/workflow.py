@@ -269,7 +269,11 @@ class BeamWorkflow:
 
     async def _queue(self, beam: BeamRow, case: CaseRow) -> Step:
         if beam.not_before_at is not None:
-            wait_s = (beam.not_before_at - self._clock.now()).total_seconds()
+            # the deadline is wall time so it survives a restart; the wait is capped at the
+            # longest backoff so a clock set back cannot hold a beam for hours
+            wait_s = min(
+                (beam.not_before_at - self._clock.now()).total_seconds(), self._s.backoff_max_s
+            )
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
         grant = await self._scheduler.acquire(beam.beam_id, case.priority)

@@ -132,11 +132,11 @@ async def test_crashing_gpu_poller_is_restarted(
         real = poller._on_sample
         crashes = {"n": 0}
 
-        def crash_twice(sample: object) -> None:
+        def crash_twice(sample: object, polled_at: float) -> None:
             if crashes["n"] < 2:
                 crashes["n"] += 1
                 raise RuntimeError("injected poller crash")
-            real(sample)  # type: ignore[arg-type]
+            real(sample, polled_at)  # type: ignore[arg-type]
 
         poller._on_sample = crash_twice  # type: ignore[method-assign]
         poller.poll_now()

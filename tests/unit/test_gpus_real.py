@@ -50,10 +50,9 @@ def test_the_numbers_match_the_capture_with_units() -> None:
 
 def test_idle_gpu_is_free() -> None:
     sample = _sample("idle")
-    assert [
-        g.uuid
-        for g in free_gpus(sample, leased=frozenset(), released_at={}, policy=POLICY, now=NOW)
-    ] == [UUID]
+    assert [g.uuid for g in free_gpus(sample, leased=frozenset(), policy=POLICY, age_s=1.0)] == [
+        UUID
+    ]
 
 
 def test_a_foreign_cuda_process_makes_the_gpu_busy() -> None:
@@ -65,15 +64,13 @@ def test_a_foreign_cuda_process_makes_the_gpu_busy() -> None:
         "python3",
         19948,
     )
-    assert free_gpus(sample, leased=frozenset(), released_at={}, policy=POLICY, now=NOW) == []
+    assert free_gpus(sample, leased=frozenset(), policy=POLICY, age_s=1.0) == []
 
 
 def test_our_own_finished_process_does_not_block_the_gpu() -> None:
     sample = _sample("busy")
     own = {UUID: frozenset({458})}
-    free = free_gpus(
-        sample, leased=frozenset(), released_at={}, policy=POLICY, now=NOW, own_pids=own
-    )
+    free = free_gpus(sample, leased=frozenset(), policy=POLICY, age_s=1.0, own_pids=own)
     assert [g.uuid for g in free] == [UUID]
 
 
@@ -81,5 +78,5 @@ def test_utilisation_left_over_after_exit_is_not_a_foreign_process() -> None:
     sample = _sample("after")
     (gpu,) = sample.gpus
     assert gpu.utilization_pct == 13 and sample.apps == ()
-    free = free_gpus(sample, leased=frozenset(), released_at={}, policy=POLICY, now=NOW)
+    free = free_gpus(sample, leased=frozenset(), policy=POLICY, age_s=1.0)
     assert [g.uuid for g in free] == [UUID]

@@ -24,12 +24,10 @@ def _gpu(i: int, free: int = 20000) -> GpuInfo:
     )  # fmt: skip
 
 
-def _sample(
-    apps: tuple[ComputeApp, ...] = (), age_s: float = 1, n: int = 4, free: int = 20000
-) -> GpuSample:
+def _sample(apps: tuple[ComputeApp, ...] = (), n: int = 4, free: int = 20000) -> GpuSample:
     return GpuSample(
         host="h",
-        taken_at=NOW - timedelta(seconds=age_s),
+        taken_at=NOW,
         gpus=tuple(_gpu(i, free) for i in range(n)),
         apps=apps,
     )
@@ -48,9 +46,8 @@ ALL = GpuPolicy(min_free_memory_mb=1000, max_sample_age_s=30, allocation="all_gp
 def _free(sample: GpuSample, **kw: object) -> list[int]:
     args: dict[str, object] = {
         "leased": frozenset(),
-        "released_at": {},
         "policy": POLICY,
-        "now": NOW,
+        "age_s": 1.0,
     }
     args.update(kw)
     return [g.index for g in free_gpus(sample, **args)]  # type: ignore[arg-type]
@@ -63,17 +60,25 @@ def test_leased_and_foreign_and_low_memory_gpus_are_not_free() -> None:
 
 
 def test_stale_sample_frees_nothing() -> None:
-    assert _free(_sample(age_s=31)) == []
+    assert _free(_sample(), age_s=30.0) == [0, 1, 2, 3]
+    assert _free(_sample(), age_s=31.0) == []
+
+
+def test_sample_age_ignores_the_wall_clock_it_was_stamped_with() -> None:
+    # a sample stamped a day "in the future" (clock set back since) is as fresh as its age says
+    tomorrow = GpuSample(host="h", taken_at=NOW + timedelta(days=1), gpus=(_gpu(0),))
+    assert _free(tomorrow, age_s=2.0) == [0]
+    assert _free(tomorrow, age_s=60.0) == []
 
 
 def test_our_finished_job_in_an_older_sample_does_not_block() -> None:
     sample = _sample(apps=(_app(0, 777, mb=23500),), free=500)
     own = {"GPU-0000-aaaa": frozenset({777})}
-    released = {"GPU-0000-aaaa": NOW}
+    released = frozenset({"GPU-0000-aaaa"})
     # its process and memory are ours and gone: GPU 0 is free; the others lack memory
-    assert _free(sample, own_pids=own, released_at=released) == [0]
+    assert _free(sample, own_pids=own, released_since=released) == [0]
     # a process we never saw under our lease is foreign
-    assert _free(_sample(apps=(_app(0, 778),)), own_pids=own, released_at=released) == [1, 2, 3]
+    assert _free(_sample(apps=(_app(0, 778),)), own_pids=own, released_since=released) == [1, 2, 3]
 
 
 def test_all_gpus_mode_waits_for_a_truly_idle_host() -> None:
@@ -83,25 +88,32 @@ def test_all_gpus_mode_waits_for_a_truly_idle_host() -> None:
         choose_gpus(
             stale,
             leased=frozenset(),
-            released_at={"GPU-0000-aaaa": NOW},
             policy=ALL,
-            now=NOW,
+            age_s=1.0,
+            released_since=frozenset({"GPU-0000-aaaa"}),
             own_pids=own,
         )
         is None
     )
-    idle = _sample(age_s=0)
-    later = NOW - timedelta(seconds=5)
-    choice = choose_gpus(
-        idle, leased=frozenset(), released_at={"GPU-0000-aaaa": later}, policy=ALL, now=NOW
+    idle = _sample()
+    # an idle sample that predates the release proves nothing about the host now
+    assert (
+        choose_gpus(
+            idle,
+            leased=frozenset(),
+            policy=ALL,
+            age_s=0.0,
+            released_since=frozenset({"GPU-0000-aaaa"}),
+        )
+        is None
     )
+    # released before this sample was taken: the host is idle
+    choice = choose_gpus(idle, leased=frozenset(), policy=ALL, age_s=0.0)
     assert choice is not None and [g.index for g in choice.gpus] == [0, 1, 2, 3]
 
 
 def test_per_beam_takes_the_lowest_free_index() -> None:
-    choice = choose_gpus(
-        _sample(apps=(_app(0, 1),)), leased=frozenset(), released_at={}, policy=POLICY, now=NOW
-    )
+    choice = choose_gpus(_sample(apps=(_app(0, 1),)), leased=frozenset(), policy=POLICY, age_s=1.0)
     assert choice is not None and [g.index for g in choice.gpus] == [1]
 
 
