@@ -16,11 +16,11 @@ import pytest
 
 from mqi_async.config import IngestSettings, Settings, SimulatedHostSettings
 from mqi_async.demo.cases import CaseSpec, WrittenCase, write_case
-from mqi_async.domain.records import NewCase
+from mqi_async.domain.records import NewCase, SkippedFolder
 from mqi_async.engine.engine import Engine
 from mqi_async.ingest.layout import READY_MARKER, safe_name
-from mqi_async.ingest.reader import CaseReader, FoundCase
-from mqi_async.ingest.watcher import CaseWatcher
+from mqi_async.ingest.reader import CaseReader, FoundCase, printable_path
+from mqi_async.ingest.watcher import CaseWatcher, OnSkipped
 from mqi_async.service import SystemClock, engine_settings
 from mqi_async.store import Store
 from mqi_async.store.events import CASE_REGISTERED
@@ -73,13 +73,18 @@ class Recorder:
 
 @contextlib.asynccontextmanager
 async def watching(
-    root: Path, recorder: Recorder, *, force_polling: bool = False, rescan_seconds: float = 3600
+    root: Path,
+    recorder: Recorder,
+    *,
+    force_polling: bool = False,
+    rescan_seconds: float = 3600,
+    on_skipped: OnSkipped | None = None,
 ) -> AsyncIterator[CaseWatcher]:
     """A running CaseWatcher whose startup scan is done; the periodic rescan is out of reach."""
     settings = IngestSettings(
         force_polling=force_polling, rescan_seconds=rescan_seconds, poll_delay_ms=100
     )
-    watcher = CaseWatcher(root, settings, recorder)
+    watcher = CaseWatcher(root, settings, recorder, on_skipped)
     task = asyncio.create_task(watcher.run())
     deadline = time.monotonic() + DEADLINE_S
     while watcher.last_scan_s is None:
@@ -417,8 +422,9 @@ async def test_a_folder_name_that_is_not_utf8_stops_nothing(
 ) -> None:
     """A case folder named in a Windows code page (not UTF-8) breaks watchfiles (every
     batch holding it fails; inotify cannot even start while it exists) and cannot go into
-    SQLite. The watcher goes on by polling, the case is logged as refused each time it is
-    seen, and every other case is registered, by the startup scan and by events."""
+    SQLite. It is never reported as a case: every full scan lists it as skipped
+    (`folder_name_not_utf8`), the watcher goes on by polling, events inside it are passed
+    over, and every other case is registered, by the startup scan and by events."""
     root = tmp_path / "incoming"
     bad_name = os.fsdecode("환자-a".encode("cp949"))
     bad_dir = root / "G1" / bad_name
@@ -432,6 +438,7 @@ async def test_a_folder_name_that_is_not_utf8_stops_nothing(
         write_bad()
     write_case(root, spec("b-good", nested=False, room="G1", seed=2))
     store = await Store.open(tmp_path / "mqi.db")
+    skipped_lists: list[list[SkippedFolder]] = []
     try:
 
         async def register(case: FoundCase, new_ptn: bool) -> None:
@@ -444,25 +451,31 @@ async def test_a_folder_name_that_is_not_utf8_stops_nothing(
                 )
             )
 
+        async def on_skipped(folders: list[SkippedFolder]) -> None:
+            skipped_lists.append(folders)
+
         recorder = Recorder(forward=register)
-        async with watching(root, recorder) as watcher:
-            assert recorder.case_ids == ({bad_name, "b-good"} if bad_first else {"b-good"})
-            if not bad_first:
+        async with watching(root, recorder, on_skipped=on_skipped) as watcher:
+            assert recorder.case_ids == {"b-good"}
+            startup = skipped_lists[-1]
+            if bad_first:
+                assert [(f.path, f.reason) for f in startup] == [
+                    (printable_path(str(bad_dir)), "folder_name_not_utf8")
+                ]
+                assert "\\x" in startup[0].path  # printable: the cp949 bytes escaped
+            else:
+                assert startup == []
                 await asyncio.to_thread(write_bad)
-                await recorder.wait_for(bad_dir)
-            # an event for the bad case: seen (and refused) again, the watcher goes on. A
-            # new file: polling compares mtimes in whole seconds, so a file rewritten within
-            # the second it was written in shows no change
-            before = recorder.count(bad_dir)
+            # an event inside the bad folder is passed over; the watcher goes on
             (bad_dir / "transfer.log").write_text("again")
-            deadline = time.monotonic() + DEADLINE_S
-            while recorder.count(bad_dir) <= before:
-                assert time.monotonic() < deadline, "the bad case's event was not seen"
-                await asyncio.sleep(0.05)
             late = await asyncio.to_thread(
                 write_case, root, spec("c-late", nested=False, room="G1", seed=3)
             )
             await recorder.wait_for(late.case_dir)
+            assert recorder.count(bad_dir) == 0
+            # the next full scan lists it, whenever it arrived
+            await watcher.scan()
+            assert [f.reason for f in skipped_lists[-1]] == ["folder_name_not_utf8"]
             assert watcher.force_polling
         assert sorted(r.case_id for r in await store.list_cases()) == ["b-good", "c-late"]
         assert safe_name(bad_name) != bad_name
