@@ -212,7 +212,9 @@ def test_container_runs_demo_cases_stops_on_sigterm_and_keeps_the_database(
             f"{len(lines)} JSON log lines"
         )
     finally:
-        _sh(engine, "rm", "--force", container, check=False)
+        # --volumes: also the anonymous volume made for the image's VOLUME /config (the named
+        # data volume is removed by its fixture)
+        _sh(engine, "rm", "--force", "--volumes", container, check=False)
 
     # the database outlived the container on the volume: a fresh container reads it
     out = _sh(
