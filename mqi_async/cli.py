@@ -201,7 +201,30 @@ def _status_table(cases: list[dict[str, Any]]) -> str:
                 f"{b['progress']:>3}%  host={b['host'] or '-'} gpus={gpus} "
                 f"attempts={b['attempts']} {b['error'] or ''}"
             )
+        lines.extend("  " + _delivery_line(d) for d in c.get("deliveries", ()))
     return "\n".join(lines)
+
+
+def _delivery_line(d: dict[str, Any]) -> str:
+    """One delivery check: `delivery <folder> fraction N beam #B: passed 99.1 % …`."""
+
+    def num(key: str, unit: str, fmt: str = "g") -> str:
+        value = d.get(key)
+        return "-" if value is None else f"{value:{fmt}}{unit}"
+
+    head = f"delivery {d['folder']} fraction {d['fraction'] or '-'} beam #{d['beam_number']}:"
+    status = d["qa_status"]
+    if d.get("reason"):
+        return f"{head} {status} ({d['reason']})"
+    if status == "pending":
+        return f"{head} pending"
+    found = ", ".join(d.get("deviations") or []) or "none"
+    return (
+        f"{head} {status} {num('pass_rate_percent', ' %')}"
+        f" gamma mean {num('gamma_mean', '')} max {num('gamma_max', '')}"
+        f" position max {num('max_position_error_mm', ' mm')}"
+        f" meterset {num('meterset_error_percent', ' %', '+g')} deviations: {found}"
+    )
 
 
 async def _status(settings: Settings, as_json: bool) -> int:

@@ -17,6 +17,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from mqi_async.domain.delivery_log import DEFAULT_CALIBRATION, DEFAULT_MU_PER_COUNT
 from mqi_async.domain.errors import ConfigError
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -233,12 +234,73 @@ class DeliveryGammaSettings(_Section):
     cutoff_percent: Annotated[float, Field(ge=0, lt=100)] = 10.0
 
 
+Room = Literal["G1", "G2"]
+
+
+class CalibrationSettings(_Section):
+    """A room's record position calibration: mm = (raw - offset) x gain (scv_init keys)."""
+
+    x_offset: float
+    y_offset: float
+    x_gain_mm: Annotated[float, Field(gt=0)]
+    y_gain_mm: Annotated[float, Field(gt=0)]
+    time_gain_ms: Annotated[float, Field(gt=0)]
+
+
+def _default_calibration() -> dict[Room, CalibrationSettings]:
+    return {
+        "G1": CalibrationSettings(**DEFAULT_CALIBRATION["G1"].as_fields()),
+        "G2": CalibrationSettings(**DEFAULT_CALIBRATION["G2"].as_fields()),
+    }
+
+
+def _default_mu_per_count() -> dict[Room, float]:
+    return {"G1": DEFAULT_MU_PER_COUNT["G1"], "G2": DEFAULT_MU_PER_COUNT["G2"]}
+
+
+class DeliveryCheckSettings(_Section):
+    """How each delivery's spot record is read and judged against the plan (qa.delivery)."""
+
+    #: false: deliveries are not checked (each is `skipped`, reason delivery_check_off)
+    enabled: bool = True
+    #: used where the case ships no scv_init_G1.txt / scv_init_G2.txt
+    calibration: dict[Room, CalibrationSettings] = Field(default_factory=_default_calibration)
+    #: MU per dose monitor count (after the range factor), by room
+    mu_per_count: dict[Room, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=_default_mu_per_count
+    )
+    #: the fluence maps' grid spacing
+    grid_mm: Annotated[float, Field(gt=0, le=5)] = 1.0
+    #: spot FWHM where the plan gives no ScanningSpotSize
+    default_spot_fwhm_mm: Annotated[float, Field(gt=0, le=50)] = 8.0
+    #: a layer whose spots lie further than this from the plan on average is named
+    position_tolerance_mm: Annotated[float, Field(gt=0)] = 1.0
+    #: a layer whose meterset differs more than this is named
+    meterset_tolerance_percent: Annotated[float, Field(gt=0)] = 2.0
+    #: one delivery's check must finish within this (a stuck check is stopped and retried)
+    timeout_seconds: PositiveSeconds = 300
+
+    @field_validator("calibration", mode="after")
+    @classmethod
+    def _calibration_per_room(
+        cls, v: dict[Room, CalibrationSettings]
+    ) -> dict[Room, CalibrationSettings]:
+        # a room given in the config replaces that room only; the other keeps its default
+        return {**_default_calibration(), **v}
+
+    @field_validator("mu_per_count", mode="after")
+    @classmethod
+    def _mu_per_room(cls, v: dict[Room, float]) -> dict[Room, float]:
+        return {**_default_mu_per_count(), **v}
+
+
 class QaSettings(_Section):
     """The dose checks: what the delivered dose is compared with, and the verdict thresholds."""
 
     reference: Literal["planned_mc", "tps_dose", "none"] = "planned_mc"
     gamma: GammaCriteriaSettings = GammaCriteriaSettings()
     delivery_gamma: DeliveryGammaSettings = DeliveryGammaSettings()
+    delivery: DeliveryCheckSettings = DeliveryCheckSettings()
     #: passed at or above this gamma pass rate (percent)
     pass_percent: Annotated[float, Field(ge=0, le=100)] = 95.0
     #: conditional at or above this, else failed

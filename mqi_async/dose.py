@@ -32,7 +32,12 @@ from mqi_async.domain.tps import (
     parse_tps_input,
     phantom_grid,
 )
-from mqi_async.qa.worker import GAMMA_OP, answer_gamma_request
+from mqi_async.qa.worker import (
+    DELIVERY_OP,
+    GAMMA_OP,
+    answer_delivery_request,
+    answer_gamma_request,
+)
 
 RT_ION_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.8"
 MANUFACTURER = "mqi_async (MOQUI Monte Carlo)"
@@ -467,8 +472,8 @@ def serve(lines: Iterable[str], reply: TextIO) -> None:
     """The warm worker: one JSON request per line in, one JSON answer per line out.
 
     Conversions and validations answer `{"ok": true, "output": PATH}`; a gamma request
-    (`{"op": "gamma", ...}`, see `mqi_async.qa.worker`) answers `{"ok": true, "result":
-    SUMMARY}`; failures `{"ok": false, "code": CODE, "detail": SENTENCE}`.
+    (`{"op": "gamma", ...}`) and a delivery check (`{"op": "delivery_check", ...}`, both in
+    `mqi_async.qa.worker`) answer `{"ok": true, "result": SUMMARY}`; failures `{"ok": false, "code": CODE, "detail": SENTENCE}`.
     """
     for line in lines:
         if not line.strip():
@@ -480,6 +485,9 @@ def serve(lines: Iterable[str], reply: TextIO) -> None:
             if isinstance(request, dict) and request.get("op") == GAMMA_OP:
                 failure_code = "gamma_failed"
                 answer = {"ok": True, "result": answer_gamma_request(request)}
+            elif isinstance(request, dict) and request.get("op") == DELIVERY_OP:
+                failure_code = "delivery_check_failed"
+                answer = {"ok": True, "result": answer_delivery_request(request)}
             else:
                 answer = {"ok": True, "output": convert_request(request)}
         except MqiError as exc:

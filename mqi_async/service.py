@@ -29,6 +29,7 @@ from mqi_async.domain.records import SkippedFolder
 from mqi_async.domain.retention import RetentionPolicy
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings
+from mqi_async.engine.deliveries import DeliveryCheckSettings
 from mqi_async.engine.engine import Engine, EngineSettings
 from mqi_async.engine.ports import Host
 from mqi_async.engine.retention import RetentionSettings, RetentionSweeper
@@ -130,6 +131,13 @@ def engine_settings(
             backoff_initial_s=settings.retry.backoff_initial_seconds,
             backoff_max_s=settings.retry.backoff_max_seconds,
         ),
+        deliveries=DeliveryCheckSettings(
+            enabled=settings.qa.delivery.enabled,
+            work_directory=settings.work_directory,
+            max_attempts=settings.retry.max_attempts,
+            backoff_initial_s=settings.retry.backoff_initial_seconds,
+            backoff_max_s=settings.retry.backoff_max_seconds,
+        ),
         gpu_policies=policies,
         gpu_poll_s=settings.gpu.poll_seconds,
         run_poll_s=settings.runs.poll_seconds,
@@ -177,11 +185,22 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
     store = await Store.open(settings.database)
     hosts: dict[str, Host] = {}
     dose_worker: DoseWorker | None = None
+    qa_worker: DoseWorker | None = None
     try:
         hosts = build_hosts(settings, settings.work_directory)
         dose_worker = DoseWorker(timeout_s=settings.tools.raw_to_dicom_timeout_seconds)
+        qa_worker = DoseWorker(
+            timeout_s=settings.qa.delivery.timeout_seconds,
+            failure_code="delivery_check_failed",
+            timeout_code="delivery_check_timeout",
+        )
         tools = LocalToolRunner(
-            Tools(settings.tools), settings.tools, dict(settings.moqui), dose_worker
+            Tools(settings.tools),
+            settings.tools,
+            dict(settings.moqui),
+            dose_worker,
+            qa_worker=qa_worker,
+            qa=settings.qa,
         )
         problems = tools.check()
         for p in problems:
@@ -231,6 +250,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
                 new_ptn=new_ptn,
                 study_case_id=case.study_case_id,
                 study_safe_name=case.study_safe_name,
+                delivery_folders=case.delivery_folders,
             )
 
         async def on_skipped(folders: list[SkippedFolder]) -> None:
@@ -253,8 +273,9 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             retention=retention,
         )
     finally:
-        if dose_worker is not None:
-            await dose_worker.aclose()
+        for worker in (dose_worker, qa_worker):
+            if worker is not None:
+                await worker.aclose()
         for host in hosts.values():
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(3):

@@ -14,10 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
-from mqi_async.config import ToolsSettings
+from mqi_async.config import QaSettings, ToolsSettings
 from mqi_async.domain.errors import PermanentError, TransientError
 from mqi_async.fluence_files import prepare_fluence_tree
+from mqi_async.qa.client import delivery_in_worker, delivery_request
 
 #: the bundled interpreter simulator, used when `tools.interpreter` is null
 BUNDLED_INTERPRETER = Path(__file__).parent / "demo" / "bin" / "mqi_interpreter"
@@ -186,8 +188,16 @@ class DoseWorker:
     request starts a fresh worker. The numpy/pydicom work never runs on the event loop.
     """
 
-    def __init__(self, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        failure_code: str = "dose_conversion_failed",
+        timeout_code: str = "dose_conversion_failed",
+    ) -> None:
         self._timeout_s = timeout_s
+        self._failure_code = failure_code
+        self._timeout_code = timeout_code
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
@@ -215,15 +225,21 @@ class DoseWorker:
                     proc.stdin.write((json.dumps(dict(payload)) + "\n").encode())
                     await proc.stdin.drain()
                     line = await proc.stdout.readline()
-            except (TimeoutError, ConnectionError, BrokenPipeError) as exc:
+            except TimeoutError as exc:
                 await self._kill()
-                raise TransientError("dose_conversion_failed", f"dose worker: {exc!r}") from exc
+                raise TransientError(
+                    self._timeout_code,
+                    f"the worker gave no answer within {self._timeout_s:.0f} s; it was stopped",
+                ) from exc
+            except (ConnectionError, BrokenPipeError) as exc:
+                await self._kill()
+                raise TransientError(self._failure_code, f"dose worker: {exc!r}") from exc
             except asyncio.CancelledError:
                 await asyncio.shield(self._kill())
                 raise
             if not line:
                 await self._kill()
-                raise TransientError("dose_conversion_failed", "the dose worker exited")
+                raise TransientError(self._failure_code, "the dose worker exited")
             answer: dict[str, object] = json.loads(line)
             return answer
 
@@ -245,6 +261,10 @@ class DoseWorker:
             await _kill_group(proc)
 
 
+#: the delivery gamma's cap: a gamma above it is reported as it (and the search stops there)
+DELIVERY_MAX_GAMMA = 2.0
+
+
 class LocalToolRunner:
     """The engine's LocalTools: each tool run becomes success or a named error."""
 
@@ -254,12 +274,18 @@ class LocalToolRunner:
         settings: ToolsSettings,
         moqui: Mapping[str, str | int | float | bool],
         dose_worker: DoseWorker,
+        *,
+        qa_worker: DoseWorker | None = None,
+        qa: QaSettings | None = None,
     ) -> None:
         self._tools = tools
         self._s = settings
         self._output_format = str(moqui.get("OutputFormat", "raw"))
         self._moqui = dict(moqui)
         self._dose = dose_worker
+        # checks get their own worker, so a long check never holds up a beam's conversion
+        self._qa_worker = qa_worker or dose_worker
+        self._qa = qa or QaSettings()
 
     def check(self) -> list[str]:
         return self._tools.check()
@@ -357,6 +383,43 @@ class LocalToolRunner:
             argv, log_path=log_path, timeout_s=self._s.postprocess_timeout_seconds
         )
         return result.ok
+
+    async def check_delivery(
+        self,
+        *,
+        folder: Path,
+        plan: Path,
+        beam_number: int,
+        room: str | None,
+        detail_output: Path,
+    ) -> dict[str, object]:
+        """One delivery check in the QA worker (`mqi_async.qa.delivery`)."""
+        if not await asyncio.to_thread(folder.is_dir):
+            raise PermanentError("delivery_folder_missing", f"{folder} is gone")
+        d = self._qa.delivery
+        key: Literal["G1", "G2"] = "G1" if room == "G1" else "G2"
+        request = delivery_request(
+            folder=folder,
+            plan=plan,
+            beam_number=beam_number,
+            room=key,
+            criteria={
+                "dose_percent": self._qa.delivery_gamma.dose_percent,
+                "distance_mm": self._qa.delivery_gamma.distance_mm,
+                "cutoff_percent": self._qa.delivery_gamma.cutoff_percent,
+                "max_gamma": DELIVERY_MAX_GAMMA,
+                "pass_percent": self._qa.pass_percent,
+                "conditional_percent": self._qa.conditional_percent,
+                "mu_per_count": d.mu_per_count[key],
+                "grid_mm": d.grid_mm,
+                "default_spot_fwhm_mm": d.default_spot_fwhm_mm,
+                "position_tolerance_mm": d.position_tolerance_mm,
+                "meterset_tolerance_percent": d.meterset_tolerance_percent,
+            },
+            calibration=d.calibration[key].model_dump(),
+            detail_output=detail_output,
+        )
+        return await delivery_in_worker(self._qa_worker, request)
 
 
 def _start_ticks(pid: int) -> str | None:

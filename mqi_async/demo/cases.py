@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import random
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -18,8 +18,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
+from mqi_async.domain.delivery_log import DEFAULT_CALIBRATION, DEFAULT_MU_PER_COUNT, range_factor
 from mqi_async.domain.plan import RT_ION_PLAN_STORAGE, RT_PLAN_STORAGE
 from mqi_async.ingest.layout import READY_MARKER
+from mqi_async.qa.ptn import encode_ptn
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -29,7 +31,13 @@ PLANRANGE_HEADER = (
 )
 _FIRST_ENERGY_MEV = 150.0
 _ENERGY_STEP_MEV = 2.4
-_SPOTS_PER_LAYER = 4
+#: spots lie on this grid within a disc whose radius follows the layer (a sphere-like target)
+_SPOT_SPACING_MM = 5.0
+_SPOT_FWHM_MM = 6.0
+#: MU of a spot before the layer and radial factors
+_SPOT_MU = 0.02
+#: a record sample holds at most this many dose monitor counts
+_MAX_COUNTS_PER_SAMPLE = 60000
 
 
 class Breakage(StrEnum):
@@ -58,6 +66,34 @@ class Breakage(StrEnum):
         return None if self is Breakage.NONE else self.value
 
 
+class DeliveryErrorKind(StrEnum):
+    """What a generated delivery record does differently from the plan."""
+
+    SHIFT = "shift"  # the layer's spots land `value` mm away along x
+    MISSING_LAYER = "missing_layer"  # the layer has no record (and no PlanRange row)
+    METERSET = "meterset"  # the layer (every layer when `layer` is None) gets `value` % more MU
+    SWAP = "swap"  # the records of `layer` and `other_layer` are exchanged
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryError:
+    """One injected delivery error; `fraction`/`beam` None means every fraction/beam."""
+
+    kind: DeliveryErrorKind
+    #: 1-based layer; None (meterset only) means every layer
+    layer: int | None = 1
+    value: float = 0.0
+    other_layer: int = 2
+    fraction: int | None = None
+    #: 1-based treatment beam index
+    beam: int | None = None
+
+    def applies(self, fraction: int, beam: int) -> bool:
+        return (self.fraction is None or self.fraction == fraction) and (
+            self.beam is None or self.beam == beam
+        )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CaseSpec:
     """What to generate. Everything derived (UIDs, spot data, delivery order) follows `seed`."""
@@ -82,8 +118,11 @@ class CaseSpec:
     #: leave the last fraction's last beam undelivered, so the case waits for it
     open_window: bool = False
     first_delivery_at: datetime = datetime(2025, 1, 6, 9, 30)
+    #: the fewest samples a layer's record holds (beam-off samples pad a short one)
     samples_per_layer: int = 24
     seed: int = 0
+    #: errors written into the delivery records; none: every record delivers the plan
+    delivery_errors: tuple[DeliveryError, ...] = ()
 
     def __post_init__(self) -> None:
         if self.beams < 1 or self.layers_per_beam < 1 or self.fractions < 1:
@@ -134,6 +173,7 @@ class _Delivery:
     layers: int
     stamp: str
     planinfo: str | None
+    fraction: int = 1
 
 
 def write_case(root: Path, spec: CaseSpec, *, marker_last: bool = True) -> WrittenCase:
@@ -299,6 +339,8 @@ def _ion_beam(
     cumulative = 0.0
     for layer in range(layers):
         energy = _FIRST_ENERGY_MEV - _ENERGY_STEP_MEV * layer
+        spots = layer_spots(layer, layers)
+        positions = [v for x, y, _ in spots for v in (x, y)]
         for half in range(2):
             cp = Dataset()
             cp.ControlPointIndex = len(points)
@@ -306,21 +348,40 @@ def _ion_beam(
             cp.NominalBeamEnergy = energy
             cp.NominalBeamEnergyUnit = "MEV"
             cp.ScanSpotTuneID = "3.0"
-            cp.NumberOfScanSpotPositions = _SPOTS_PER_LAYER
-            cp.ScanSpotPositionMap = [-5.0, -5.0, 5.0, -5.0, -5.0, 5.0, 5.0, 5.0]
-            weight = 0.0 if half else 1.0 / _SPOTS_PER_LAYER
-            cp.ScanSpotMetersetWeights = [weight] * _SPOTS_PER_LAYER
-            cp.ScanningSpotSize = [4.0, 4.0]
+            cp.NumberOfScanSpotPositions = len(spots)
+            cp.ScanSpotPositionMap = positions
+            cp.ScanSpotMetersetWeights = [0.0 if half else mu for _, _, mu in spots]
+            cp.ScanningSpotSize = [_SPOT_FWHM_MM, _SPOT_FWHM_MM]
             cp.NumberOfPaintings = 1
             if not points:
                 _first_control_point(cp, gantry_angle)
             points.append(cp)
             if not half:
-                cumulative += 1.0
+                cumulative += sum(mu for _, _, mu in spots)
     beam.FinalCumulativeMetersetWeight = round(cumulative, 6)
     beam.NumberOfControlPoints = len(points)
     beam.IonControlPointSequence = Sequence(points)
     return beam
+
+
+def layer_spots(layer: int, layers: int) -> list[tuple[float, float, float]]:
+    """(x mm, y mm, MU) of the spots of 0-based `layer` of a demo beam of `layers` layers.
+
+    Spots on a 5 mm grid within a disc whose radius peaks mid-beam, as a sphere's layers do;
+    distal (first, highest-energy) layers and the disc's rim get more MU.
+    """
+    radius = 4.0 + 10.0 * math.sin(math.pi * (layer + 0.5) / layers)
+    depth_factor = 1.0 + 0.5 * (layers - 1 - layer) / max(layers - 1, 1)
+    reach = int(radius // _SPOT_SPACING_MM)
+    spots: list[tuple[float, float, float]] = []
+    for j in range(-reach, reach + 1):
+        for i in range(-reach, reach + 1):
+            x, y = i * _SPOT_SPACING_MM, j * _SPOT_SPACING_MM
+            rho = math.hypot(x, y)
+            if rho <= radius:
+                mu = _SPOT_MU * depth_factor * (0.8 + 0.4 * rho / radius)
+                spots.append((x, y, round(mu, 6)))
+    return spots
 
 
 def _first_control_point(cp: Dataset, gantry_angle: float) -> None:
@@ -465,6 +526,7 @@ def _deliveries(
                     layers=spec.layers_per_beam,
                     stamp=stamp,
                     planinfo=None,
+                    fraction=fraction + 1,
                 )
             )
     out = [replace(d, planinfo=_planinfo(spec, study_uid, d)) for d in out]
@@ -527,37 +589,91 @@ def _write_delivery(
         (folder / "PlanInfo.txt").write_bytes(delivery.planinfo.encode())
     room_digit = "2" if spec.room == "G2" else "1"
     tcsc_id = _tcsc_patient_id(spec)
+    errors = [
+        e for e in spec.delivery_errors if e.applies(delivery.fraction, delivery.field_number)
+    ]
+    contents = list(range(delivery.layers))  # the planned layer each record delivers
+    for error in errors:
+        if error.kind is DeliveryErrorKind.SWAP and error.layer is not None:
+            a, b = error.layer - 1, error.other_layer - 1
+            contents[a], contents[b] = contents[b], contents[a]
     rows = [PLANRANGE_HEADER]
     for layer in range(1, delivery.layers + 1):
+        if any(e.kind is DeliveryErrorKind.MISSING_LAYER and e.layer == layer for e in errors):
+            continue
         base = f"{room_digit.zfill(2)}_{tcsc_id}_001_{delivery.field_number:03d}_{layer:03d}"
         energy = _FIRST_ENERGY_MEV - _ENERGY_STEP_MEV * (layer - 1)
-        dose_range = rng.choice((2, 2, 3))
+        dose_range = rng.choice((4, 5, 5))
         rows.append(
             f"{delivery.stamp},{layer},{energy:.1f},{spec.case_id},{delivery.field_number},"
             f"{dose_range},{dose_range},{dose_range},{dose_range},{base}.ptn,"
             f"{room_digit.zfill(2)}_{spec.case_id}_001_{delivery.field_number:03d}_{layer:03d}.mgn"
         )
-        (folder / f"{base}.ptn").write_bytes(_ptn_bytes(spec.samples_per_layer, layer, rng))
+        shift = sum(
+            e.value for e in errors if e.kind is DeliveryErrorKind.SHIFT and e.layer == layer
+        )
+        scale = 1.0
+        for e in errors:
+            if e.kind is DeliveryErrorKind.METERSET and e.layer in (None, layer):
+                scale *= 1.0 + e.value / 100.0
+        spots = layer_spots(contents[layer - 1], delivery.layers)
+        record = _layer_record(
+            spec,
+            spots,
+            layer=layer,
+            range_code=dose_range,
+            shift_x_mm=shift,
+            meterset_scale=scale,
+            rng=rng,
+        )
+        (folder / f"{base}.ptn").write_bytes(record)
     (folder / "PlanRange.txt").write_text("\n".join(rows) + "\n")
     return folder
 
 
-def _ptn_bytes(samples: int, layer: int, rng: random.Random) -> bytes:
-    """Big-endian uint16, 8 columns: x, y, x size, y size, dose1, dose2, layer, beam on/off."""
-    values: list[int] = []
-    for row in range(samples):
-        beam_on = 0 if row in (0, samples - 1) else 1
-        values += [
-            24580 + rng.randrange(-700, 700),
-            32772 + rng.randrange(-700, 700),
-            400 + rng.randrange(40),
-            400 + rng.randrange(40),
-            rng.randrange(200, 900) * beam_on,
-            rng.randrange(200, 900) * beam_on,
-            layer,
-            beam_on,
+def _layer_record(
+    spec: CaseSpec,
+    spots: list[tuple[float, float, float]],
+    *,
+    layer: int,
+    range_code: int,
+    shift_x_mm: float,
+    meterset_scale: float,
+    rng: random.Random,
+) -> bytes:
+    """The record of one layer that delivers `spots` (big-endian uint16, 8 columns).
+
+    Each spot's MU becomes dose monitor counts (MU / MU per count / the range factor), spread
+    over as many beam-on samples at the spot as the 16-bit field needs; beam-off samples lead,
+    trail and pad the record to `samples_per_layer`.
+    """
+    room = "G2" if spec.room in ("G2", "") else "G1"
+    cal = DEFAULT_CALIBRATION[room]
+    per_count = DEFAULT_MU_PER_COUNT[room]
+    factor, _ = range_factor(range_code)
+
+    def raw_xy(x_mm: float, y_mm: float) -> tuple[int, int]:
+        x = round(x_mm / cal.x_gain_mm + cal.x_offset)
+        y = round(y_mm / cal.y_gain_mm + cal.y_offset)
+        return min(max(x, 0), 0xFFFF), min(max(y, 0), 0xFFFF)
+
+    def row(x_mm: float, y_mm: float, dose: int, on: int) -> list[int]:
+        x, y = raw_xy(x_mm, y_mm)
+        size = 400 + rng.randrange(40)
+        return [x, y, size, size, dose, dose, layer, on]
+
+    first_x, first_y = (spots[0][0], spots[0][1]) if spots else (0.0, 0.0)
+    rows = [row(first_x + shift_x_mm, first_y, 0, 0)]
+    for x, y, mu in spots:
+        counts = mu * meterset_scale / per_count / factor
+        samples = max(1, math.ceil(counts / _MAX_COUNTS_PER_SAMPLE))
+        share = [
+            round(counts * (k + 1) / samples) - round(counts * k / samples) for k in range(samples)
         ]
-    return struct.pack(f">{len(values)}H", *values)
+        rows.extend(row(x + shift_x_mm, y, dose, 1) for dose in share)
+    while len(rows) < max(spec.samples_per_layer, 2):
+        rows.append(row(first_x + shift_x_mm, first_y, 0, 0))
+    return encode_ptn(rows)
 
 
 def _tcsc_patient_id(spec: CaseSpec) -> str:

@@ -286,6 +286,49 @@ FAILURES: dict[str, FailureInfo] = {
     "gamma_failed": FailureInfo(
         _T, "The gamma computation failed or its worker died; it is retried."
     ),
+    # delivery checks (the spot record of one delivery against the plan)
+    "ptn_missing": FailureInfo(
+        _P, "The delivery folder holds no .ptn record; re-send that delivery's logs."
+    ),
+    "ptn_unreadable": FailureInfo(
+        _P,
+        "A .ptn record is damaged (not whole 16-byte samples) or given twice for one layer; "
+        "re-send that delivery's logs, then re-run the checks.",
+    ),
+    "planrange_invalid": FailureInfo(
+        _P,
+        "PlanRange.txt lacks the LAYER_NO or DOSE1_RANGE column or has a row that does not "
+        "fit it; re-send that delivery's logs.",
+    ),
+    "calibration_invalid": FailureInfo(
+        _P,
+        "The case's scv_init_G1.txt / scv_init_G2.txt lacks a key or holds a value that is "
+        "not a number; fix or remove it (the configured calibration is then used).",
+    ),
+    "layer_count_mismatch": FailureInfo(
+        _P,
+        "The record holds layers the plan's beam does not have: the logs do not belong to "
+        "this plan or beam. Check the delivery folder's PlanInfo.txt and the RTPLAN.",
+    ),
+    "delivery_plan_unreadable": FailureInfo(
+        _P,
+        "The plan's spot data for this beam cannot be read (no such beam, or weights and "
+        "positions that do not pair); check the RTPLAN export.",
+    ),
+    "delivery_folder_missing": FailureInfo(
+        _P, "The delivery folder is gone from the scan directory; it cannot be checked."
+    ),
+    "delivery_check_failed": FailureInfo(
+        _T, "The delivery check failed or its worker died; it is retried."
+    ),
+    "delivery_check_timeout": FailureInfo(
+        _T,
+        "The delivery check ran longer than qa.delivery.timeout_seconds; it is retried, and "
+        "a larger timeout or grid_mm helps a very large record.",
+    ),
+    "delivery_check_off": FailureInfo(
+        _P, "Delivery checks are switched off (qa.delivery.enabled: false)."
+    ),
 }
 
 

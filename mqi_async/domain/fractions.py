@@ -401,6 +401,45 @@ def resolve_case(
     )
 
 
+def list_deliveries(
+    plan: Plan,
+    deliveries: Iterable[DeliveryInput],
+    *,
+    now: datetime,
+    window: timedelta = DEFAULT_FRACTION_WINDOW,
+    local_tz: tzinfo | None = None,
+) -> tuple[tuple[DeliveryRecord, ...], tuple[str, ...]]:
+    """Every delivery folder of a case already resolved, with its fraction, and the problems.
+
+    For a case whose beams exist: a fraction that arrives later (its window may still be
+    open) is listed at once, so its delivery check needs no wait. Folders that match no beam
+    are left out and described in the problems (`code: sentence`), never raised.
+    """
+    inputs = sorted((d for d in deliveries if d.is_delivery), key=lambda d: d.path)
+    matched, problems = _match_each(plan, inputs)
+    fractions = group_fractions(
+        matched, expected_beams=len(plan.beams), now=now, window=window, local_tz=local_tz
+    )
+    records = tuple(
+        DeliveryRecord(
+            path=d.path,
+            folder_name=d.folder_name,
+            delivered_at=d.delivered_at,
+            beam_number=d.beam_number,
+            treatment_index=d.treatment_index,
+            fraction_index=f.index,
+            fraction_status=f.status,
+            is_reference=False,
+        )
+        for f in fractions
+        for d in f.deliveries
+    )
+    notes = tuple(
+        f"{code}: {sentence}" for code in _PROBLEM_ORDER for sentence in problems.get(code, [])
+    )
+    return records, notes
+
+
 def infer_beam_number(folder_name: str, plan: Plan) -> int | None:
     """A beam number from a folder name without PlanInfo: a numeric suffix that is a
     treatment BeamNumber, else a name part equal to one beam's name (ignoring case and
@@ -415,6 +454,17 @@ def infer_beam_number(folder_name: str, plan: Plan) -> int | None:
 
 
 def _match_deliveries(plan: Plan, inputs: list[DeliveryInput]) -> list[Delivery]:
+    matched, problems = _match_each(plan, inputs)
+    for code in _PROBLEM_ORDER:
+        if code in problems:
+            raise IngestError(code, "; ".join(problems[code]))
+    return matched
+
+
+def _match_each(
+    plan: Plan, inputs: list[DeliveryInput]
+) -> tuple[list[Delivery], dict[str, list[str]]]:
+    """Every folder matched to a treatment beam, and code -> sentences for those that are not."""
     problems: dict[str, list[str]] = {}
     matched: list[Delivery] = []
     plan_patient = plan.patient_id.strip()
@@ -454,10 +504,7 @@ def _match_deliveries(plan: Plan, inputs: list[DeliveryInput]) -> list[Delivery]
                 planinfo=info,
             )
         )
-    for code in _PROBLEM_ORDER:
-        if code in problems:
-            raise IngestError(code, "; ".join(problems[code]))
-    return matched
+    return matched, problems
 
 
 _PROBLEM_ORDER = (

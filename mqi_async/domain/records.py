@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
+from mqi_async.domain.verdict import QaStatus
 
 if TYPE_CHECKING:
     # annotations only: importing them would load pydicom into every `status` call
@@ -198,3 +199,69 @@ class SkippedFolder:
     #: a named code: `folder_name_not_utf8`, `folder_unreadable`
     reason: str
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryRow:
+    delivery_id: str
+    case_id: str
+    beam_id: str | None
+    delivery_path: str
+    delivered_at: datetime | None
+    fraction_index: int | None
+    raw_beam_number: int | None
+    treatment_beam_index: int | None
+    is_reference: bool
+    qa_status: QaStatus = QaStatus.PENDING
+    #: `code: sentence` when the check was skipped or could not be computed
+    qa_reason: str | None = None
+    #: the check's summary numbers (qa.delivery.DeliveryCheck.summary), {} until checked
+    qa_result: Mapping[str, object] | None = None
+    qa_detail_path: str | None = None
+    qa_checked_at: datetime | None = None
+    qa_attempts: int = 0
+
+    @property
+    def folder(self) -> str:
+        return self.delivery_path.rstrip("/").rsplit("/", 1)[-1]
+
+    def as_status(self) -> dict[str, object]:
+        """The `deliveries` entry of `status --json` (CONTRACT.md), plus reason and detail."""
+        result = self.qa_result or {}
+        return {
+            "folder": self.folder,
+            "fraction": self.fraction_index,
+            "beam_number": self.raw_beam_number,
+            "delivered_at": (
+                None
+                if self.delivered_at is None
+                else self.delivered_at.astimezone().replace(tzinfo=None).isoformat()
+            ),
+            "qa_status": str(self.qa_status),
+            "pass_rate_percent": result.get("pass_rate_percent"),
+            "gamma_mean": result.get("gamma_mean"),
+            "gamma_max": result.get("gamma_max"),
+            "max_position_error_mm": result.get("max_position_error_mm"),
+            "meterset_error_percent": result.get("meterset_error_percent"),
+            "reason": self.qa_reason,
+            "deviations": [
+                d.get("code") for d in _dicts(result.get("deviations")) if d.get("code")
+            ],
+            "detail": self.qa_detail_path,
+        }
+
+
+def _dicts(value: object) -> list[Mapping[str, object]]:
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, Mapping)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryToCheck:
+    """A pending delivery and what its check needs from its case."""
+
+    delivery: DeliveryRow
+    room: str | None
+    plan_path: str
+    case_safe_name: str

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mqi_async.domain.errors import FailureKind, IngestError, MqiError, format_error
-from mqi_async.domain.fractions import Waiting, delivery_id
+from mqi_async.domain.fractions import DeliveryRecord, Waiting, delivery_id
 from mqi_async.domain.model import BeamStatus, CaseStatus, aggregate_case_status, case_progress
 from mqi_async.domain.records import CaseRow, NewBeam, NewDelivery, ResolvedCase
 from mqi_async.engine.layout import CaseDirs
@@ -41,6 +41,7 @@ class CaseWorkflow:
         clock: Clock,
         settings: CaseSettings,
         on_beams_ready: Callable[[str], None],
+        on_new_deliveries: Callable[[str], None] = lambda _case_id: None,
     ) -> None:
         self._store = store
         self._source = source
@@ -48,6 +49,7 @@ class CaseWorkflow:
         self._clock = clock
         self._s = settings
         self._on_beams_ready = on_beams_ready
+        self._on_new_deliveries = on_new_deliveries
 
     async def run(self, case_id: str) -> None:
         while True:
@@ -96,6 +98,7 @@ class CaseWorkflow:
         res = found.resolution
         if not await self._store.list_beams(case.case_id):
             await self._attach(case, found)
+            self._on_new_deliveries(case.case_id)
         for note in res.notes:
             await self._store.append_event("fraction", note, case_id=case.case_id)
         await self._store.transition_case(
@@ -119,21 +122,7 @@ class CaseWorkflow:
                 )
                 for b in res.beams
             ],
-            deliveries=[
-                NewDelivery(
-                    delivery_id=delivery_id(case.case_id, d.path),
-                    delivery_path=d.path,
-                    # folder names are the treatment room's local time
-                    delivered_at=d.delivered_at
-                    if d.delivered_at.tzinfo
-                    else d.delivered_at.astimezone(),
-                    fraction_index=d.fraction_index,
-                    raw_beam_number=d.beam_number,
-                    treatment_beam_index=d.treatment_index,
-                    is_reference=d.is_reference,
-                )
-                for d in res.deliveries
-            ],
+            deliveries=[_new_delivery(case.case_id, d) for d in res.deliveries],
             plan_path=found.plan_path,
             gantry=found.plan.gantry,
             patient_id=found.plan.patient_id,
@@ -222,7 +211,33 @@ class CaseWorkflow:
                 message="all beams completed",
             )
 
+    async def refresh_deliveries(self, case: CaseRow) -> None:
+        """Record delivery folders that arrived after the case was resolved (a new fraction)."""
+        try:
+            records, problems = await self._source.list_deliveries(
+                case.case_id, case.case_path, now=self._clock.now()
+            )
+        except IngestError as exc:
+            await self._store.append_event(
+                "delivery", f"new deliveries not read: {exc}", case_id=case.case_id
+            )
+            return
+        added = await self._store.add_deliveries(
+            case.case_id, [_new_delivery(case.case_id, d) for d in records]
+        )
+        for problem in problems:
+            await self._store.append_event("delivery", problem, case_id=case.case_id)
+        if added:
+            log.info(
+                "case %s: %d new delivery folder(s)",
+                case.case_id,
+                len(added),
+                extra={"case_id": case.case_id},
+            )
+            self._on_new_deliveries(case.case_id)
+
     async def _postprocess(self, case: CaseRow) -> None:
+        await self.refresh_deliveries(case)
         dirs = CaseDirs.of(self._s.work_directory, case)
         values = {
             "case_id": case.case_id,
@@ -245,3 +260,16 @@ class CaseWorkflow:
         await self._store.transition_case(
             case.case_id, C.COMPLETED, changes={"progress": 100}, message=message
         )
+
+
+def _new_delivery(case_id: str, d: DeliveryRecord) -> NewDelivery:
+    return NewDelivery(
+        delivery_id=delivery_id(case_id, d.path),
+        delivery_path=d.path,
+        # folder names are the treatment room's local time
+        delivered_at=d.delivered_at if d.delivered_at.tzinfo else d.delivered_at.astimezone(),
+        fraction_index=d.fraction_index,
+        raw_beam_number=d.beam_number,
+        treatment_beam_index=d.treatment_index,
+        is_reference=d.is_reference,
+    )

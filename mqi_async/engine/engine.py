@@ -12,9 +12,10 @@ from mqi_async.domain.errors import DatabaseError, MqiError, format_error
 from mqi_async.domain.gpus import GpuSample
 from mqi_async.domain.jobs import JobHandle
 from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
-from mqi_async.domain.records import BeamRow, CommandStatus, NewCase, RunRow
+from mqi_async.domain.records import BeamRow, CaseRow, CommandStatus, NewCase, RunRow
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings, CaseWorkflow
+from mqi_async.engine.deliveries import DeliveryChecker, DeliveryCheckSettings
 from mqi_async.engine.pollers import GpuPoller, JobMonitor
 from mqi_async.engine.ports import CaseSource, Clock, Host, LocalTools, Store
 from mqi_async.engine.scheduler import GpuScheduler
@@ -43,6 +44,7 @@ class EngineSettings:
     gpu_poll_s: float
     run_poll_s: float
     max_jobs: Mapping[str, int]
+    deliveries: DeliveryCheckSettings
     dispatch_interval_s: float = 1.0
 
 
@@ -73,6 +75,8 @@ class Engine:
         self._cancelling: set[str] = set()
         #: (case id, other folder) pairs already reported as duplicates
         self._duplicates: set[tuple[str, str]] = set()
+        #: finished case -> delivery folders its folder held when last compared with the store
+        self._deliveries_seen: dict[str, int] = {}
         #: set while the database refuses writes (disk full, read-only): nothing new starts
         self.database_error: str | None = None
         self.host_errors: dict[str, str | None] = dict.fromkeys(hosts)
@@ -102,6 +106,7 @@ class Engine:
             max_jobs=settings.max_jobs,
             request_sample=lambda h: self.pollers[h].poll_now(),
         )
+        self.deliveries = DeliveryChecker(store=store, tools=tools, settings=settings.deliveries)
         self.cases = CaseWorkflow(
             store=store,
             source=source,
@@ -109,6 +114,7 @@ class Engine:
             clock=clock,
             settings=settings.cases,
             on_beams_ready=lambda _case_id: self.wake(),
+            on_new_deliveries=lambda _case_id: self.deliveries.wake(),
         )
         self.beams = BeamWorkflow(
             store=store,
@@ -156,6 +162,7 @@ class Engine:
                 tg.create_task(self._supervise(f"gpu poller {name}", self.pollers[name].run))
                 tg.create_task(self._supervise(f"job monitor {name}", self.monitors[name].run))
             tg.create_task(self._supervise("scheduler", self.scheduler.run))
+            tg.create_task(self._supervise("delivery checks", self.deliveries.run))
             tg.create_task(self._supervise("commands", self._command_loop))
             self.ready.set()
             await self._dispatch_loop()
@@ -521,6 +528,10 @@ class Engine:
                     message="retry requested",
                 )
         self.beams.forget_uploads(case_id)
+        await self._store.reset_delivery_checks(
+            case_id, message="retry requested: every delivery is checked again"
+        )
+        self.deliveries.wake()
         # a case that never got beams (bad input) is resolved again from its files
         target = C.PENDING
         await self._store.transition_case(
@@ -545,6 +556,15 @@ class Engine:
         log.warning("%s", message, extra={"case_id": case_id, "code": "duplicate_case_folder"})
         await self._store.append_event("duplicate_case_folder", message, case_id=case_id)
 
+    async def _unrecorded_deliveries(self, case: CaseRow, delivery_folders: int) -> bool:
+        """A finished, resolved case whose folder holds more deliveries than are recorded."""
+        if case.status not in (C.COMPLETED, C.FAILED) or not case.plan_path:
+            return False
+        if self._deliveries_seen.get(case.case_id) == delivery_folders:
+            return False  # already looked at this many folders (some may match no beam)
+        self._deliveries_seen[case.case_id] = delivery_folders
+        return delivery_folders > await self._store.count_deliveries(case.case_id)
+
     async def register_case(
         self,
         *,
@@ -555,12 +575,15 @@ class Engine:
         new_ptn: bool = False,
         study_case_id: str | None = None,
         study_safe_name: str | None = None,
+        delivery_folders: int = 0,
     ) -> None:
         """A ready case folder was seen; register it once, or recheck a waiting one.
 
         A patient's further study (nested layout) becomes a case of its own under
         `study_case_id`; a folder that would reuse a registered case's id for another path is
-        a duplicate, logged and recorded as an event once.
+        a duplicate, logged and recorded as an event once. A finished case whose folder
+        holds more deliveries than are recorded (a later fraction, seen by a rescan) has them
+        recorded, and checked, without running anything else again.
         """
         case, created = await self._store.register_case(
             NewCase(case_id=case_id, case_path=case_path, room=room or None, safe_name=safe_name)
@@ -573,6 +596,7 @@ class Engine:
                     room=room,
                     safe_name=study_safe_name,
                     new_ptn=new_ptn,
+                    delivery_folders=delivery_folders,
                 )
             else:
                 await self._duplicate_folder(case.case_id, case.case_path, case_path)
@@ -587,4 +611,6 @@ class Engine:
             await self._store.transition_case(
                 case_id, C.POSTPROCESSING, message="new delivery log; post-processing again"
             )
+        elif await self._unrecorded_deliveries(case, delivery_folders):
+            self._spawn(f"deliveries:{case_id}", self.cases.refresh_deliveries(case))
         self.wake()

@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from mqi_async.domain.fractions import Waiting
+from mqi_async.domain.fractions import DeliveryRecord, Waiting
 from mqi_async.domain.gpus import GpuSample
 from mqi_async.domain.jobs import (
     CommandResult,
@@ -23,6 +23,8 @@ from mqi_async.domain.records import (
     CaseRow,
     CommandRow,
     CommandStatus,
+    DeliveryRow,
+    DeliveryToCheck,
     LeaseRow,
     NewBeam,
     NewCase,
@@ -31,6 +33,7 @@ from mqi_async.domain.records import (
     RunRow,
 )
 from mqi_async.domain.slurm import SlurmQueue
+from mqi_async.domain.verdict import QaStatus
 
 
 class Clock(Protocol):
@@ -245,6 +248,28 @@ class Store(Protocol):
 
     async def pending_commands(self, limit: int = 100) -> list[CommandRow]: ...
 
+    async def add_deliveries(self, case_id: str, deliveries: Sequence[NewDelivery]) -> list[str]:
+        """Record the deliveries the case does not have yet; returns their ids."""
+        ...
+
+    async def deliveries_to_check(self, limit: int = 20) -> list[DeliveryToCheck]: ...
+
+    async def count_deliveries(self, case_id: str) -> int: ...
+
+    async def record_delivery_check(
+        self,
+        delivery: DeliveryRow,
+        *,
+        status: QaStatus,
+        reason: str | None = None,
+        result: Mapping[str, object] | None = None,
+        detail_path: str | None = None,
+    ) -> None: ...
+
+    async def count_delivery_attempt(self, delivery_id: str, reason: str) -> int: ...
+
+    async def reset_delivery_checks(self, case_id: str, *, message: str) -> int: ...
+
     async def finish_command(
         self, command_id: int, status: CommandStatus, result: str | None = None
     ) -> object: ...
@@ -274,6 +299,22 @@ class LocalTools(Protocol):
         """Run the post-processing command; None when none is configured."""
         ...
 
+    async def check_delivery(
+        self,
+        *,
+        folder: Path,
+        plan: Path,
+        beam_number: int,
+        room: str | None,
+        detail_output: Path,
+    ) -> dict[str, object]:
+        """One delivery's record against the plan, off the loop; its summary numbers.
+
+        Raises PermanentError with the check's code when it cannot be computed,
+        TransientError when the worker failed or timed out.
+        """
+        ...
+
 
 class CaseSource(Protocol):
     """Reads a case folder (off the event loop) and resolves it with the domain rules."""
@@ -282,4 +323,11 @@ class CaseSource(Protocol):
         self, case_id: str, case_path: str, *, now: datetime
     ) -> ResolvedCase | Waiting:
         """Raises IngestError with a named code when the case is broken."""
+        ...
+
+    async def list_deliveries(
+        self, case_id: str, case_path: str, *, now: datetime
+    ) -> tuple[tuple[DeliveryRecord, ...], tuple[str, ...]]:
+        """Every delivery folder of a resolved case with its fraction, and `code: sentence`
+        for folders that match no beam. Raises IngestError when the plan cannot be read."""
         ...

@@ -11,14 +11,21 @@ from pathlib import Path
 import pydicom
 
 from mqi_async.domain.errors import IngestError
-from mqi_async.domain.fractions import DeliveryInput, Waiting, resolve_case
-from mqi_async.domain.plan import find_rtplan_candidates, select_rtplan
+from mqi_async.domain.fractions import (
+    DeliveryInput,
+    DeliveryRecord,
+    Waiting,
+    list_deliveries,
+    resolve_case,
+)
+from mqi_async.domain.plan import Plan, find_rtplan_candidates, select_rtplan
 from mqi_async.domain.records import ResolvedCase, SkippedFolder
 from mqi_async.ingest.layout import (
     PLANINFO_NAME,
     ROOMS,
     case_identity,
     is_case_dir,
+    is_delivery_dir,
     is_ptn,
     is_staging_component,
     safe_name,
@@ -41,6 +48,8 @@ class FoundCase:
     #: nested layout: the id this study takes when its patient already has another study
     study_case_id: str | None = None
     study_safe_name: str | None = None
+    #: subfolders that hold a delivery (PlanInfo.txt or *.ptn), as the scan saw them
+    delivery_folders: int = 0
 
 
 def _listing(path: str) -> tuple[list[str], list[str]]:
@@ -116,6 +125,7 @@ def check_case_dir(scan_dir: str, path: str, marker: str) -> FoundCase | None:
         safe_name=safe_name(identity.case_id),
         study_case_id=identity.study_case_id,
         study_safe_name=safe_name(identity.study_case_id) if identity.study_case_id else None,
+        delivery_folders=sum(1 for names in subdir_files.values() if is_delivery_dir(names)),
     )
 
 
@@ -356,6 +366,16 @@ class CaseReader:
         return await asyncio.to_thread(self._resolve_sync, case_path, now)
 
     def _resolve_sync(self, case_path: str, now: datetime) -> ResolvedCase | Waiting:
+        plan, deliveries = self._read_sync(case_path)
+        result = resolve_case(plan, deliveries, now=now, window=self._window)
+        if isinstance(result, Waiting):
+            return result
+        return ResolvedCase(
+            plan_path=os.path.join(case_path, plan.source), plan=plan, resolution=result
+        )
+
+    def _read_sync(self, case_path: str) -> tuple[Plan, list[DeliveryInput]]:
+        """The case's plan and its delivery folders (the plan's own folder left out)."""
         if not os.path.isdir(case_path):
             raise IngestError("missing_rtplan", f"the case folder {case_path} is gone")
         if outside_scan(self._scan, case_path):
@@ -373,15 +393,20 @@ class CaseReader:
             )
         candidates, deliveries = _read_case_files(case_path, self._max_plan_bytes)
         plan = select_rtplan(candidates)
-        plan_name = plan.source
         # the plan's own folder is never a delivery
-        plan_dir = os.path.dirname(os.path.join(case_path, plan_name))
-        deliveries = [
+        plan_dir = os.path.dirname(os.path.join(case_path, plan.source))
+        return plan, [
             d for d in deliveries if os.path.normpath(d.path) != os.path.normpath(plan_dir)
         ]
-        result = resolve_case(plan, deliveries, now=now, window=self._window)
-        if isinstance(result, Waiting):
-            return result
-        return ResolvedCase(
-            plan_path=os.path.join(case_path, plan_name), plan=plan, resolution=result
-        )
+
+    async def list_deliveries(
+        self, case_id: str, case_path: str, *, now: datetime
+    ) -> tuple[tuple[DeliveryRecord, ...], tuple[str, ...]]:
+        """Every delivery folder of a resolved case, fraction included, and the problems."""
+        return await asyncio.to_thread(self._list_sync, case_path, now)
+
+    def _list_sync(
+        self, case_path: str, now: datetime
+    ) -> tuple[tuple[DeliveryRecord, ...], tuple[str, ...]]:
+        plan, deliveries = self._read_sync(case_path)
+        return list_deliveries(plan, deliveries, now=now, window=self._window)

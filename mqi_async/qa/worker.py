@@ -1,14 +1,16 @@
-"""Gamma off the event loop: the request the warm dose worker answers, and an async client.
+"""Dose checks off the event loop: the requests the warm dose worker answers, and async clients.
 
 The worker (`python -m mqi_async.dose --serve`, `mqi_async.tools.DoseWorker`) takes one JSON
 request per line; `{"op": "gamma", ...}` is answered by `answer_gamma_request` with the
-summary of CONTRACT.md (`mqi-async gamma --json`). Cancelling the awaiting task kills the
+summary of CONTRACT.md (`mqi-async gamma --json`), `{"op": "delivery_check", ...}` by
+`answer_delivery_request` with a delivery's verdict and numbers. Cancelling the awaiting task kills the
 worker's process group, which stops the computation; memory stays bounded by the gamma's
 chunks. This module imports no asyncio: `gamma_in_worker` awaits whatever worker it is given.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -17,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from mqi_async.domain.delivery_log import PositionCalibration
 from mqi_async.domain.errors import (
     FailureKind,
     MqiError,
@@ -24,7 +27,10 @@ from mqi_async.domain.errors import (
     TransientError,
     failure_info,
 )
+from mqi_async.domain.verdict import Thresholds
+from mqi_async.qa.client import DELIVERY_OP as DELIVERY_OP
 from mqi_async.qa.compare import compare_files
+from mqi_async.qa.delivery import DeliveryCheckError, DeliveryOptions, check_delivery
 from mqi_async.qa.gamma import GammaInputError, GammaOptions
 
 GAMMA_OP = "gamma"
@@ -138,3 +144,80 @@ async def gamma_in_worker(
     if failure_info(code).kind is FailureKind.PERMANENT:
         raise PermanentError(code, detail)
     raise TransientError(code, detail)
+
+
+# ------------------------------------------------------------------------ delivery checks
+
+
+def _delivery_options(request: Mapping[str, object]) -> DeliveryOptions:
+    def num(key: str) -> float:
+        value = request.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise GammaInputError(f"{key} must be a number, not {value!r}")
+        return float(value)
+
+    calibration = request.get("calibration")
+    if not isinstance(calibration, dict):
+        raise GammaInputError("calibration must be an object")
+    return DeliveryOptions(
+        gamma=GammaOptions(
+            dose_percent=num("dose_percent"),
+            distance_mm=num("distance_mm"),
+            cutoff_percent=num("cutoff_percent"),
+            max_gamma=num("max_gamma"),
+        ),
+        thresholds=Thresholds(
+            pass_percent=num("pass_percent"), conditional_percent=num("conditional_percent")
+        ),
+        calibration=PositionCalibration(**{k: float(v) for k, v in calibration.items()}),
+        mu_per_count=num("mu_per_count"),
+        grid_mm=num("grid_mm"),
+        default_spot_fwhm_mm=num("default_spot_fwhm_mm"),
+        position_tolerance_mm=num("position_tolerance_mm"),
+        meterset_tolerance_percent=num("meterset_tolerance_percent"),
+    )
+
+
+def _write_json_atomically(target: Path, document: Mapping[str, object]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(document, fh, indent=1)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def answer_delivery_request(request: Mapping[str, object]) -> dict[str, object]:
+    """Carry out one delivery check (in the worker); returns its summary.
+
+    Raises:
+        MqiError: the check's named code (ptn_unreadable, layer_count_mismatch, …) as a
+            PermanentError; internal_error for a malformed request.
+    """
+    try:
+        options = _delivery_options(request)
+        beam_number = request["beam_number"]
+        if isinstance(beam_number, bool) or not isinstance(beam_number, int):
+            raise GammaInputError(f"beam_number must be an integer, not {beam_number!r}")
+    except (GammaInputError, KeyError, TypeError, ValueError) as exc:
+        raise PermanentError("internal_error", f"bad delivery check request: {exc}") from exc
+    room = request.get("room")
+    try:
+        check = check_delivery(
+            str(request["folder"]),
+            str(request["plan"]),
+            beam_number,
+            options,
+            room=str(room) if room else None,
+        )
+    except DeliveryCheckError as exc:
+        raise PermanentError(exc.code, exc.detail) from exc
+    summary = check.summary()
+    target = request.get("detail_output")
+    if target:
+        _write_json_atomically(Path(str(target)), check.to_json())
+        summary["detail_output"] = str(target)
+    return summary

@@ -7,6 +7,7 @@ from mqi_async.domain.records import CaseRow as CaseRow
 from mqi_async.domain.records import CommandKind as CommandKind
 from mqi_async.domain.records import CommandRow as CommandRow
 from mqi_async.domain.records import CommandStatus as CommandStatus
+from mqi_async.domain.records import DeliveryRow as DeliveryRow
 from mqi_async.domain.records import LeaseRow as LeaseRow
 from mqi_async.domain.records import NewBeam as NewBeam
 from mqi_async.domain.records import NewCase as NewCase
@@ -14,7 +15,6 @@ from mqi_async.domain.records import NewDelivery as NewDelivery
 from mqi_async.domain.records import RunRow as RunRow
 from mqi_async.store.beams import beam_id_for
 from mqi_async.store.db import Store, Transaction, read_status_snapshot, submit_command
-from mqi_async.store.deliveries import DeliveryRow
 from mqi_async.store.events import EventRow
 from mqi_async.store.gpus import GpuRow
 from mqi_async.store.schema import SCHEMA_VERSION

@@ -24,6 +24,8 @@ from mqi_async.domain.records import (
     CommandKind,
     CommandRow,
     CommandStatus,
+    DeliveryRow,
+    DeliveryToCheck,
     LeaseRow,
     NewBeam,
     NewCase,
@@ -31,10 +33,11 @@ from mqi_async.domain.records import (
     RunRow,
     SkippedFolder,
 )
+from mqi_async.domain.verdict import QaStatus
 from mqi_async.store.beams import Beams
 from mqi_async.store.cases import Cases
 from mqi_async.store.commands import Commands
-from mqi_async.store.deliveries import Deliveries, DeliveryRow
+from mqi_async.store.deliveries import Deliveries
 from mqi_async.store.events import EventRow, Events
 from mqi_async.store.files import (
     absolute,
@@ -436,6 +439,75 @@ class Store:
     async def list_deliveries(self, case_id: str) -> list[DeliveryRow]:
         async with self.read() as tx:
             return await tx.deliveries.of_case(case_id)
+
+    # -- delivery checks -------------------------------------------------------------------
+
+    async def add_deliveries(self, case_id: str, deliveries: Sequence[NewDelivery]) -> list[str]:
+        """Record the deliveries the case does not have yet (each with an event); their ids."""
+        async with self.transaction() as tx:
+            known = await tx.deliveries.ids_of(case_id)
+            new = [d for d in deliveries if d.delivery_id not in known]
+            if not new:
+                return []
+            beams = {b.beam_index for b in await tx.beams.of_case(case_id)}
+            await tx.deliveries.insert_many(case_id, new, beams, only_new=True)
+            for d in new:
+                await tx.events.append(
+                    "delivery",
+                    f"new delivery {d.delivery_path.rsplit('/', 1)[-1]}"
+                    f" (fraction {d.fraction_index}, beam {d.raw_beam_number})",
+                    case_id=case_id,
+                )
+            return [d.delivery_id for d in new]
+
+    async def count_deliveries(self, case_id: str) -> int:
+        async with self.read() as tx:
+            return len(await tx.deliveries.ids_of(case_id))
+
+    async def deliveries_to_check(self, limit: int = 20) -> list[DeliveryToCheck]:
+        async with self.read() as tx:
+            return await tx.deliveries.to_check(limit)
+
+    async def record_delivery_check(
+        self,
+        delivery: DeliveryRow,
+        *,
+        status: QaStatus,
+        reason: str | None = None,
+        result: Mapping[str, object] | None = None,
+        detail_path: str | None = None,
+    ) -> None:
+        """A delivery's verdict and numbers, with its event, in one transaction."""
+        async with self.transaction() as tx:
+            await tx.deliveries.record_check(
+                delivery.delivery_id,
+                status=status,
+                reason=reason,
+                result=result,
+                detail_path=detail_path,
+                at=tx.at,
+            )
+            rate = (result or {}).get("pass_rate_percent")
+            shown = f"{rate} %" if rate is not None else (reason or "")
+            await tx.events.append(
+                "delivery_check",
+                f"delivery {delivery.folder} (fraction {delivery.fraction_index}):"
+                f" {status} {shown}".rstrip(),
+                case_id=delivery.case_id,
+                data={"delivery_id": delivery.delivery_id, "status": str(status), "reason": reason},
+            )
+
+    async def count_delivery_attempt(self, delivery_id: str, reason: str) -> int:
+        async with self.transaction() as tx:
+            return await tx.deliveries.count_attempt(delivery_id, reason)
+
+    async def reset_delivery_checks(self, case_id: str, *, message: str) -> int:
+        """Every delivery of the case checked again; an event says why."""
+        async with self.transaction() as tx:
+            count = await tx.deliveries.reset_checks(case_id)
+            if count:
+                await tx.events.append("delivery_check", message, case_id=case_id)
+            return count
 
     # -- beams -----------------------------------------------------------------------------
 

@@ -206,6 +206,17 @@ CREATE TABLE skipped_folders (
 );
 """
 
+# Every delivery gets a check: rows of an older database start pending and are checked too.
+_V7 = """
+ALTER TABLE deliveries ADD COLUMN qa_status TEXT NOT NULL DEFAULT 'pending';
+ALTER TABLE deliveries ADD COLUMN qa_reason TEXT;
+ALTER TABLE deliveries ADD COLUMN qa_result TEXT;
+ALTER TABLE deliveries ADD COLUMN qa_detail_path TEXT;
+ALTER TABLE deliveries ADD COLUMN qa_checked_at TEXT;
+ALTER TABLE deliveries ADD COLUMN qa_attempts INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX idx_deliveries_qa ON deliveries (qa_status);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(version=1, description="initial schema", sql=_V1),
     Migration(version=2, description="case priorities", sql=_V2),
@@ -213,6 +224,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(version=4, description="host states for status", sql=_V4),
     Migration(version=5, description="a cluster's queue line for the dashboard", sql=_V5),
     Migration(version=6, description="folders the scan skipped, for status", sql=_V6),
+    Migration(version=7, description="a delivery check per delivery", sql=_V7),
 )
 
 #: The schema version this code reads and writes.

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from mqi_async.domain.model import BeamStatus, CaseStatus, case_progress
+from mqi_async.domain.records import DeliveryRow
 from mqi_async.store.columns import SqlValue, decode_optional_time, decode_str_list, decode_time
+from mqi_async.store.deliveries import DELIVERY_COLUMNS, delivery_from_row
 from mqi_async.store.session import Session
 
 
@@ -62,6 +64,8 @@ class CaseSnapshot:
     priority: int
     created_at: datetime
     updated_at: datetime
+    #: every delivery folder of every fraction, with its delivery check
+    deliveries: tuple[DeliveryRow, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -72,6 +76,7 @@ class CaseSnapshot:
             "error": self.error,
             "case_path": self.case_path,
             "beams": [b.as_dict() for b in self.beams],
+            "deliveries": [d.as_status() for d in self.deliveries],
         }
 
 
@@ -122,13 +127,20 @@ def _beam_from(r: sqlite3.Row) -> BeamSnapshot:
 async def _cases_with_beams(
     session: Session, where: str = "", params: Sequence[SqlValue] = ()
 ) -> list[CaseSnapshot]:
-    """Cases matching `where` (SQL on `cases`) with their beams: two queries."""
+    """Cases matching `where` (SQL on `cases`) with their beams and deliveries: three queries."""
     beams_of: dict[str, list[BeamSnapshot]] = {}
+    deliveries_of: dict[str, list[DeliveryRow]] = {}
     beam_filter = f" WHERE case_id IN (SELECT case_id FROM cases {where})" if where else ""
     for r in await session.rows(
         f"SELECT {_BEAM_COLUMNS} FROM beams{beam_filter} ORDER BY case_id, beam_index", params
     ):
         beams_of.setdefault(r["case_id"], []).append(_beam_from(r))
+    for r in await session.rows(
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries{beam_filter} ORDER BY case_id,"
+        " fraction_index IS NULL, fraction_index, delivered_at, delivery_id",
+        params,
+    ):
+        deliveries_of.setdefault(r["case_id"], []).append(delivery_from_row(r))
     return [
         CaseSnapshot(
             case_id=r["case_id"],
@@ -143,6 +155,7 @@ async def _cases_with_beams(
             priority=r["priority"],
             created_at=decode_time(r["created_at"]),
             updated_at=decode_time(r["updated_at"]),
+            deliveries=tuple(deliveries_of.get(r["case_id"], ())),
         )
         for r in await session.rows(
             f"SELECT {_CASE_COLUMNS} FROM cases {where} ORDER BY created_at, rowid", params

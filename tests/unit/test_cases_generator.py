@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from mqi_async.demo.cases import (
     Breakage,
     CaseSpec,
     WrittenCase,
+    layer_spots,
     write_case,
     write_cases,
 )
+from mqi_async.domain.delivery_log import DEFAULT_MU_PER_COUNT, RANGE_FACTORS
 from mqi_async.domain.errors import FAILURES, IngestError
 from mqi_async.domain.fractions import (
     CaseResolution,
@@ -185,8 +188,15 @@ def test_delivery_files(tmp_path: Path) -> None:
             match = PTN_NAME.fullmatch(ptn.name)
             assert match is not None and match[1] == "02" and int(match[5]) == layer
             data = ptn.read_bytes()
-            assert len(data) == 30 * 16
+            assert len(data) % 16 == 0 and len(data) >= 30 * 16
             assert int.from_bytes(data[12:14], "big") == layer  # column 7 of row 0
+            # the record delivers the planned layer: its counts are the layer's MU
+            values = struct.unpack(f">{len(data) // 2}H", data)
+            rows8 = [values[i : i + 8] for i in range(0, len(values), 8)]
+            code = int(rows[layer].split(",")[5])
+            counts = sum(r[4] for r in rows8 if r[7] == 1) * RANGE_FACTORS[code]
+            planned = sum(mu for _, _, mu in layer_spots(layer - 1, 3))
+            assert counts * DEFAULT_MU_PER_COUNT["G2"] == pytest.approx(planned, rel=1e-4)
 
 
 def test_generation_is_deterministic(tmp_path: Path) -> None:

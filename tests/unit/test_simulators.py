@@ -219,8 +219,11 @@ def test_interpreter_writes_the_csv_tree(case: WrittenCase, csv_dir: Path) -> No
     text = (csv_dir / "log" / "1G090" / "01_150.00MeV.csv").read_bytes().decode()
     assert text.endswith("\r\n") and "\n" not in text.replace("\r\n", "")
     rows = list(csv.reader(text.splitlines()))
-    # 24 samples per layer, the first and last with the beam off
-    assert len(rows) == 22
+    # one row per beam-on sample of the layer's record
+    (ptn,) = sorted(case.delivery_dirs[0].glob("*_001.ptn"))
+    data = ptn.read_bytes()
+    flags = struct.unpack(f">{len(data) // 2}H", data)[7::8]
+    assert len(rows) == sum(1 for f in flags if f == 1) > 0
     for time_ms, x_mm, y_mm, count in rows:
         float(time_ms), float(x_mm), float(y_mm)
         assert int(count) > 0
@@ -895,7 +898,7 @@ def test_public_fork_misreads_crlf_rows_and_reads_single_lines(
 def test_public_fork_zero_histories_exit_0_with_an_all_zero_dose(
     csv_dir: Path, tmp_path: Path, state: Path
 ) -> None:
-    tps, out = write_tps(tmp_path / "z", csv_dir, ParticlesPerHistory=0.0001)
+    tps, out = write_tps(tmp_path / "z", csv_dir, ParticlesPerHistory=1e-9)
     public = clean_env(state, MQI_SIM_RUN_SECONDS="0", MQI_SIM_PUBLIC_FORK="histories")
     done = run(TPS_ENV, str(tps), env=public)
     assert done.returncode == 0, done.stderr

@@ -10,7 +10,9 @@ from pathlib import Path
 from mqi_async.domain.model import BeamStatus, CaseStatus
 from mqi_async.store import NewBeam, NewCase, Store, read_status_snapshot, status_document
 
-CASE_KEYS = ["case_id", "room", "status", "progress", "error", "case_path", "beams"]
+CASE_KEYS = [
+    "case_id", "room", "status", "progress", "error", "case_path", "beams", "deliveries"
+]  # fmt: skip
 BEAM_KEYS = [
     "beam_id",
     "beam_number",
@@ -58,6 +60,7 @@ async def test_snapshot_has_the_contract_shape(tmp_path: Path) -> None:
         "progress": 0,
         "error": None,
         "case_path": "/abs/study",
+        "deliveries": [],
     }
     assert first["beams"][0] == {
         "beam_id": "00000001_beam_1",
