@@ -229,7 +229,7 @@ class DoseWorker:
                 await self._kill()
                 raise TransientError(
                     self._timeout_code,
-                    f"the worker gave no answer within {self._timeout_s:.0f} s; it was stopped",
+                    f"the worker gave no answer within {self._timeout_s:g} s; it was stopped",
                 ) from exc
             except (ConnectionError, BrokenPipeError) as exc:
                 await self._kill()

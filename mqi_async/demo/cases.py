@@ -123,6 +123,11 @@ class CaseSpec:
     seed: int = 0
     #: errors written into the delivery records; none: every record delivers the plan
     delivery_errors: tuple[DeliveryError, ...] = ()
+    #: the widest layer's spot disc (mm); a clinical field is 30 to 100
+    field_radius_mm: float = 14.0
+    #: beam-on samples each spot's counts are spread over at least (the machine samples every
+    #: 0.06 ms, so a real layer holds thousands)
+    samples_per_spot: int = 1
 
     def __post_init__(self) -> None:
         if self.beams < 1 or self.layers_per_beam < 1 or self.fractions < 1:
@@ -339,7 +344,7 @@ def _ion_beam(
     cumulative = 0.0
     for layer in range(layers):
         energy = _FIRST_ENERGY_MEV - _ENERGY_STEP_MEV * layer
-        spots = layer_spots(layer, layers)
+        spots = layer_spots(layer, layers, spec.field_radius_mm)
         positions = [v for x, y, _ in spots for v in (x, y)]
         for half in range(2):
             cp = Dataset()
@@ -364,13 +369,15 @@ def _ion_beam(
     return beam
 
 
-def layer_spots(layer: int, layers: int) -> list[tuple[float, float, float]]:
+def layer_spots(
+    layer: int, layers: int, field_radius_mm: float = 14.0
+) -> list[tuple[float, float, float]]:
     """(x mm, y mm, MU) of the spots of 0-based `layer` of a demo beam of `layers` layers.
 
-    Spots on a 5 mm grid within a disc whose radius peaks mid-beam, as a sphere's layers do;
-    distal (first, highest-energy) layers and the disc's rim get more MU.
+    Spots on a 5 mm grid within a disc whose radius peaks mid-beam at `field_radius_mm`, as a
+    sphere's layers do; distal (first, highest-energy) layers and the disc's rim get more MU.
     """
-    radius = 4.0 + 10.0 * math.sin(math.pi * (layer + 0.5) / layers)
+    radius = 4.0 + (field_radius_mm - 4.0) * math.sin(math.pi * (layer + 0.5) / layers)
     depth_factor = 1.0 + 0.5 * (layers - 1 - layer) / max(layers - 1, 1)
     reach = int(radius // _SPOT_SPACING_MM)
     spots: list[tuple[float, float, float]] = []
@@ -616,7 +623,7 @@ def _write_delivery(
         for e in errors:
             if e.kind is DeliveryErrorKind.METERSET and e.layer in (None, layer):
                 scale *= 1.0 + e.value / 100.0
-        spots = layer_spots(contents[layer - 1], delivery.layers)
+        spots = layer_spots(contents[layer - 1], delivery.layers, spec.field_radius_mm)
         record = _layer_record(
             spec,
             spots,
@@ -666,7 +673,7 @@ def _layer_record(
     rows = [row(first_x + shift_x_mm, first_y, 0, 0)]
     for x, y, mu in spots:
         counts = mu * meterset_scale / per_count / factor
-        samples = max(1, math.ceil(counts / _MAX_COUNTS_PER_SAMPLE))
+        samples = max(spec.samples_per_spot, math.ceil(counts / _MAX_COUNTS_PER_SAMPLE))
         share = [
             round(counts * (k + 1) / samples) - round(counts * k / samples) for k in range(samples)
         ]

@@ -70,20 +70,18 @@ class DeliveryChecker:
     async def check_pending(self) -> list[float]:
         """Check every pending delivery now due; returns the times of those backing off."""
         loop = asyncio.get_running_loop()
-        waiting: list[float] = []
         done: set[str] = set()
         while True:
-            items = [
-                item
-                for item in await self._store.deliveries_to_check(limit=50)
-                if item.delivery.delivery_id not in done
-            ]
+            rows = await self._store.deliveries_to_check(limit=200)
             due = [
-                i for i in items if self._not_before.get(i.delivery.delivery_id, 0) <= loop.time()
+                i
+                for i in rows
+                if i.delivery.delivery_id not in done
+                and self._not_before.get(i.delivery.delivery_id, 0.0) <= loop.time()
             ]
-            waiting = [self._not_before[i.delivery.delivery_id] for i in items if i not in due]
             if not due:
-                return waiting
+                pending = {i.delivery.delivery_id for i in rows}
+                return [t for key, t in self._not_before.items() if key in pending]
             for item in due:
                 done.add(item.delivery.delivery_id)
                 await self._check(item)
@@ -151,7 +149,7 @@ class DeliveryChecker:
         delay = min(self._s.backoff_max_s, self._s.backoff_initial_s * 2 ** (tries - 1))
         self._not_before[d.delivery_id] = asyncio.get_running_loop().time() + delay
         log.warning(
-            "delivery %s of case %s: %s; tried again in %.0f s",
+            "delivery %s of case %s: %s; tried again in %.3g s",
             d.folder,
             d.case_id,
             exc,

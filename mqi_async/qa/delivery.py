@@ -340,15 +340,22 @@ def _layer_grid(
     return _Grid(y=_axis(lo_y, hi_y, step), x=_axis(lo_x, hi_x, step))
 
 
+#: points are first shared over a grid this many times finer than the map's (bilinear), so
+#: the sharing blurs by far less than the spot size (about 0.1 % of the peak at 1 mm, 6 mm FWHM)
+_FINE = 4
+
+
 def _deposit(
-    grid: _Grid, xs: NDArray[np.float64], ys: NDArray[np.float64], w: NDArray[np.float64]
+    y_axis: NDArray[np.float64],
+    x_axis: NDArray[np.float64],
+    xs: NDArray[np.float64],
+    ys: NDArray[np.float64],
+    w: NDArray[np.float64],
 ) -> NDArray[np.float64]:
-    """Point weights shared bilinearly onto the grid nodes (weights off the grid are dropped)."""
-    ny, nx = grid.y.size, grid.x.size
-    step_x = grid.x[1] - grid.x[0]
-    step_y = grid.y[1] - grid.y[0]
-    fx = (xs - grid.x[0]) / step_x
-    fy = (ys - grid.y[0]) / step_y
+    """Point weights shared bilinearly onto the nodes of a grid (weights off it are dropped)."""
+    ny, nx = y_axis.size, x_axis.size
+    fx = (xs - x_axis[0]) / (x_axis[1] - x_axis[0])
+    fy = (ys - y_axis[0]) / (y_axis[1] - y_axis[0])
     inside = (fx >= 0) & (fx <= nx - 1) & (fy >= 0) & (fy <= ny - 1)
     fx, fy, w = fx[inside], fy[inside], w[inside]
     ix = np.minimum(np.floor(fx).astype(np.int64), nx - 2)
@@ -357,12 +364,22 @@ def _deposit(
     flat = np.zeros(ny * nx, dtype=np.float64)
     for dy, wy in ((0, 1.0 - ty), (1, ty)):
         for dx, wx in ((0, 1.0 - tx), (1, tx)):
-            np.add.at(flat, (iy + dy) * nx + (ix + dx), w * wy * wx)
+            flat += np.bincount((iy + dy) * nx + (ix + dx), weights=w * wy * wx, minlength=ny * nx)
     return flat.reshape(ny, nx)
 
 
-def _gauss_matrix(axis: NDArray[np.float64], sigma: float) -> NDArray[np.float64]:
-    d = axis[:, None] - axis[None, :]
+def _fine_axis(axis: NDArray[np.float64]) -> NDArray[np.float64]:
+    step = float(axis[1] - axis[0]) / _FINE
+    fine: NDArray[np.float64] = float(axis[0]) + step * np.arange(
+        _FINE * (axis.size - 1) + 1, dtype=np.float64
+    )
+    return fine
+
+
+def _gauss_matrix(
+    rows: NDArray[np.float64], cols: NDArray[np.float64], sigma: float
+) -> NDArray[np.float64]:
+    d = rows[:, None] - cols[None, :]
     return np.exp(-0.5 * (d / sigma) ** 2) / (sigma * math.sqrt(2.0 * math.pi))
 
 
@@ -374,8 +391,11 @@ def _fluence(
     sigma: tuple[float, float],
 ) -> NDArray[np.float64]:
     """MU per mm² on the grid: every point's MU spread by a Gaussian of the spot's size."""
-    nodes = _deposit(grid, xs, ys, w)
-    return _gauss_matrix(grid.y, sigma[1]) @ nodes @ _gauss_matrix(grid.x, sigma[0]).T
+    fine_y, fine_x = _fine_axis(grid.y), _fine_axis(grid.x)
+    nodes = _deposit(fine_y, fine_x, xs, ys, w)
+    return (
+        _gauss_matrix(grid.y, fine_y, sigma[1]) @ nodes @ _gauss_matrix(grid.x, fine_x, sigma[0]).T
+    )
 
 
 def _nearest_spot(
