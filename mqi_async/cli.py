@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--cases", type=int, default=4, help="number of sample cases (default 4)")
     demo.add_argument("--beams", type=int, default=3, help="treatment beams per case (default 3)")
     demo.add_argument("--gpus", type=int, default=4, help="simulated GPUs (default 4)")
+    demo.add_argument(
+        "--clean",
+        action="store_true",
+        help="deliver every case faithfully (default: a mix of delivery errors to check)",
+    )
     demo.add_argument("--no-ui", action="store_true", help="headless: JSON log lines on stdout")
     demo.add_argument(
         "--exit-when-done",
@@ -287,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 gpus=args.gpus,
                 headless=args.no_ui,
                 exit_when_done=args.exit_when_done,
+                clean=args.clean,
             )
         )
     try:

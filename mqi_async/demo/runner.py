@@ -20,7 +20,7 @@ from mqi_async.config import (
     Settings,
     SimulatedHostSettings,
 )
-from mqi_async.demo.cases import CaseSpec, write_case
+from mqi_async.demo.cases import CaseSpec, DeliveryError, DeliveryErrorKind, write_case
 from mqi_async.domain.model import CaseStatus
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class DemoOptions:
     arrival_gap_s: float = 2.0
     #: seconds the MOQUI simulator runs per beam
     run_seconds: float = 2.0
+    #: write every delivery faithfully (no injected delivery errors)
+    clean: bool = False
 
 
 def demo_settings(workdir: Path, options: DemoOptions) -> Settings:
@@ -60,16 +62,27 @@ def demo_settings(workdir: Path, options: DemoOptions) -> Settings:
     )
 
 
+#: the delivery errors of the demo's mix, by case number modulo 4 (case 1 delivers faithfully)
+_DEMO_ERRORS: dict[int, tuple[DeliveryError, ...]] = {
+    1: (),
+    2: (DeliveryError(kind=DeliveryErrorKind.SHIFT, layer=2, value=3.0, beam=1, fraction=2),),
+    3: (DeliveryError(kind=DeliveryErrorKind.MISSING_LAYER, layer=3, beam=2, fraction=1),),
+    0: (DeliveryError(kind=DeliveryErrorKind.METERSET, layer=None, value=5.0, beam=1),),
+}
+
+
 def _spec(i: int, options: DemoOptions, now: datetime) -> CaseSpec:
     return CaseSpec(
         case_id=f"DEMO{i:04d}",
         beams=options.beams,
-        layers_per_beam=2,
+        layers_per_beam=4,
+        fractions=2,
         room="G1" if i % 2 else "G2",
         nested=i % 2 == 1,
-        # delivered two hours ago, so the fraction window is closed and the case runs now
-        first_delivery_at=(now - timedelta(hours=2)).replace(tzinfo=None, microsecond=0),
+        # delivered days ago, so every fraction window is closed and the case runs now
+        first_delivery_at=(now - timedelta(days=2)).replace(tzinfo=None, microsecond=0),
         seed=i,
+        delivery_errors=() if options.clean else _DEMO_ERRORS[i % 4],
     )
 
 

@@ -415,10 +415,18 @@ def _nearest_spot(
 def _position_errors(
     planned: PlannedLayer, xs: NDArray[np.float64], ys: NDArray[np.float64], mu: NDArray[np.float64]
 ) -> tuple[float | None, float | None]:
-    """MU-weighted mean and max distance of each spot's delivered centroid from its plan."""
-    if not xs.size or not planned.mu.size:
+    """MU-weighted mean and max distance of each spot's delivered centroid from its plan.
+
+    Samples are matched to the nearest planned spot after the layer's rigid offset (the
+    difference of the MU-weighted centroids) is taken out, so a whole layer moved by more
+    than half the spot spacing is still matched spot for spot; the distance itself is measured
+    where the samples really are.
+    """
+    if not xs.size or not planned.mu.size or mu.sum() <= 0:
         return None, None
-    nearest = _nearest_spot(planned.x_mm, planned.y_mm, xs, ys)
+    dx = float(np.sum(mu * xs) / mu.sum() - np.sum(planned.mu * planned.x_mm) / planned.total_mu)
+    dy = float(np.sum(mu * ys) / mu.sum() - np.sum(planned.mu * planned.y_mm) / planned.total_mu)
+    nearest = _nearest_spot(planned.x_mm, planned.y_mm, xs - dx, ys - dy)
     n = planned.mu.size
     got = np.bincount(nearest, weights=mu, minlength=n)
     judged = got >= _SPOT_JUDGED_SHARE * planned.mu

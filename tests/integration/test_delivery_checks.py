@@ -82,8 +82,12 @@ async def test_every_delivery_is_checked_and_a_later_fraction_too(
 ) -> None:
     rig = make_rig(tmp_path / "rig", sshd, gpus=2, run_seconds=0.3)
     write_case(rig.scan, _spec(3))
-    async with running_service(rig.settings()):
+    async with running_service(rig.settings()) as svc:
         await wait_until(lambda: _checked(rig, 3 * BEAMS), timeout_s=120, what="6 checks")
+        trail = await svc.store.recent_events(500, case_id=CASE)
+        verdicts = [e.message for e in trail if e.kind == "delivery_check"]
+        assert len(verdicts) == 3 * BEAMS
+        assert sum(": failed" in m for m in verdicts) == 1
         case = _case(rig)
         assert case["status"] == "completed"
         launched = len(starts(rig))
