@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 #: DICOM's LO limit; MOQUI adds `_<index>_<Scorer>.<ext>` and the service `beam_<k>_` and `.dcm`
 MAX_NAME_CHARS = 64
 #: characters of a bad value shown in an error
@@ -35,3 +37,17 @@ def quote_value(value: str) -> str:
     if len(value) <= _QUOTE_CHARS:
         return ascii(value)
     return f"{ascii(value[:_QUOTE_CHARS])}... ({len(value)} characters)"
+
+
+_NOT_FIELD_CHAR = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def field_folder(beam_name: str) -> str:
+    """The interpreter's folder name for a beam's layer CSVs: BeamName with every character
+    outside `[A-Za-z0-9_-]` made `_` (MOQUI finds the field folder by it)."""
+    return _NOT_FIELD_CHAR.sub("_", beam_name)
+
+
+def layer_csv_name(layer: int, energy_mev: float) -> str:
+    """`<NN>_<E>MeV.csv`: the layer's 1-based number and nominal energy (MOQUI reads both)."""
+    return f"{layer:02d}_{energy_mev:.2f}MeV.csv"

@@ -172,6 +172,20 @@ def test_a_faithful_delivery_passes(tmp_path: Path) -> None:
     assert [c.layer for c in check.layers] == list(range(1, LAYERS + 1))
 
 
+def _gaussian_sum(
+    xx: np.ndarray,
+    yy: np.ndarray,
+    spots: list[tuple[float, float, float]],
+    dx: float,
+    sigma: float,
+) -> np.ndarray:
+    """MU per mm² of spots moved by dx along x: a plain sum of normalised 2-D Gaussians."""
+    out = np.zeros_like(xx)
+    for x, y, mu in spots:
+        out += mu * np.exp(-((xx - x - dx) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    return out / (2 * math.pi * sigma**2)
+
+
 def test_maps_are_sums_of_gaussians_of_the_spot_size(tmp_path: Path) -> None:
     case = _case(tmp_path, DeliveryError(kind=DeliveryErrorKind.SHIFT, layer=2, value=1.5))
     maps: list[tuple[LayerCheck, LayerMaps]] = []
@@ -181,14 +195,7 @@ def test_maps_are_sums_of_gaussians_of_the_spot_size(tmp_path: Path) -> None:
         spots = layer_spots(check.layer - 1, LAYERS)
         shift = 1.5 if check.layer == 2 else 0.0
         yy, xx = np.meshgrid(m.y_mm, m.x_mm, indexing="ij")
-
-        def fluence(dx: float, spots: list[tuple[float, float, float]] = spots) -> np.ndarray:
-            out = np.zeros_like(xx)
-            for x, y, mu in spots:
-                out += mu * np.exp(-((xx - x - dx) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
-            return out / (2 * math.pi * sigma**2)
-
-        planned, delivered = fluence(0.0), fluence(shift)
+        planned, delivered = (_gaussian_sum(xx, yy, spots, dx, sigma) for dx in (0.0, shift))
         # the grid deposit shares each point over its 4 nodes: within 1 % of the peak
         assert np.abs(m.planned - planned).max() < 0.01 * planned.max()
         assert np.abs(m.delivered - delivered).max() < 0.01 * planned.max()

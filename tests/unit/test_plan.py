@@ -98,7 +98,7 @@ def test_generated_plan_skips_setup_beam_and_numbers_treatment_beams() -> None:
         (4, 3, 4),
     ]
     assert [b.beam_name for b in plan.beams] == ["1G090", "2G180", "3G270"]
-    assert all(b.layer_energies_mev == (150.0, 147.6) for b in plan.beams)
+    assert all(b.layer_energies_mev == (110.0, 108.0) for b in plan.beams)
     assert all(b.layer_count == 2 and b.control_point_count == 4 for b in plan.beams)
     assert (plan.machine_name, plan.gantry) == ("GTR2", 2)
     assert plan.beam_by_number(3) is plan.beams[1]
@@ -152,7 +152,7 @@ def test_layers_follow_energy_changes() -> None:
     for cp in points[1::2]:
         del cp.NominalBeamEnergy  # only required where the energy changes
     plan = parse_rtplan(encode(ds))
-    assert plan.beams[0].layer_energies_mev == (150.0, 147.6, 145.2)
+    assert plan.beams[0].layer_energies_mev == (110.0, 108.0, 106.0)
 
 
 @pytest.mark.parametrize(

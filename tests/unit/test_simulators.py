@@ -211,12 +211,12 @@ def test_interpreter_writes_the_csv_tree(case: WrittenCase, csv_dir: Path) -> No
     assert (csv_dir / "plan" / case.rtplan_path.name).read_bytes() == case.rtplan_path.read_bytes()
     tree = sorted(str(p.relative_to(csv_dir / "log")) for p in (csv_dir / "log").rglob("*.csv"))
     assert tree == [
-        "1G090/01_150.00MeV.csv",
-        "1G090/02_147.60MeV.csv",
-        "2G180/01_150.00MeV.csv",
-        "2G180/02_147.60MeV.csv",
+        "1G090/01_110.00MeV.csv",
+        "1G090/02_108.00MeV.csv",
+        "2G180/01_110.00MeV.csv",
+        "2G180/02_108.00MeV.csv",
     ]
-    text = (csv_dir / "log" / "1G090" / "01_150.00MeV.csv").read_bytes().decode()
+    text = (csv_dir / "log" / "1G090" / "01_110.00MeV.csv").read_bytes().decode()
     assert text.endswith("\r\n") and "\n" not in text.replace("\r\n", "")
     rows = list(csv.reader(text.splitlines()))
     # one row per beam-on sample of the layer's record
@@ -250,7 +250,7 @@ def test_interpreter_uses_the_earliest_delivery_of_each_beam(
             str(np.float32((row[0] - 24580) * 0.00726)),
             str(np.float32((row[1] - 32772) * 0.0071411)),
         ]
-        got = (csv_dir / "log" / name / "01_150.00MeV.csv").read_text().splitlines()[0]
+        got = (csv_dir / "log" / name / "01_110.00MeV.csv").read_text().splitlines()[0]
         assert got.split(",")[1:3] == expected
 
 
@@ -270,7 +270,7 @@ def test_interpreter_stdout_and_single_line_format(case: WrittenCase, tmp_path: 
     for marker in ("Found RTPLAN: ", "RT Plan parsed successfully.", "Copied RTPLAN file to: "):
         assert any(line.startswith(marker) for line in lines), marker
     assert "Found 8 .ptn files." in lines
-    single = (tmp_path / "one" / "log" / "2G180" / "02_147.60MeV.csv").read_text()
+    single = (tmp_path / "one" / "log" / "2G180" / "02_108.00MeV.csv").read_text()
     assert "\n" not in single and "\r" not in single
 
 
@@ -758,7 +758,7 @@ def test_small_dicom_reader_matches_pydicom(
     assert [b["name"] for b in without["beams"]] == ["SETUP", "1G090", "2G180"]
     assert [b["number"] for b in without["beams"]] == [1, 2, 3]
     assert without["beams"][1]["beamline_geometries"] == 1
-    assert without["beams"][1]["energies"] == [150.0, 150.0, 147.6, 147.6]
+    assert without["beams"][1]["energies"] == [110.0, 110.0, 108.0, 108.0]
     assert module.read_plan(str(case.case_path / "PlanInfo.missing")) is None
 
 
