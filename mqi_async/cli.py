@@ -199,15 +199,29 @@ def _status_table(cases: list[dict[str, Any]]) -> str:
             f"{str(c['case_id'])[:24]:<24} {c['room'] or '-':<4} {c['status']:<15} "
             f"{c['progress']:>3}%  {done}/{len(beams):<4} {c['error'] or ''}"
         )
+        if "qa" in c:
+            lines.append(f"  verdict: {_qa_text(c['qa'])} (plan sum, beams and deliveries)")
         for b in beams:
             gpus = ",".join(b["gpus"]) if b["gpus"] else "-"
+            qa = f" qa={_qa_text(b['qa'])}" if "qa" in b else ""
             lines.append(
                 f"  {str(b['beam_id'])[:30]:<30} #{b['beam_number']:<3} {b['status']:<12} "
                 f"{b['progress']:>3}%  host={b['host'] or '-'} gpus={gpus} "
-                f"attempts={b['attempts']} {b['error'] or ''}"
+                f"attempts={b['attempts']}{qa} {b['error'] or ''}"
             )
         lines.extend("  " + _delivery_line(d) for d in c.get("deliveries", ()))
     return "\n".join(lines)
+
+
+def _qa_text(qa: dict[str, Any]) -> str:
+    """`passed 99.1 %`, `pending`, or `skipped (no_tps_dose: …)`."""
+    if qa.get("pass_rate_percent") is not None:
+        text = f"{qa['status']} {qa['pass_rate_percent']:g} %"
+    else:
+        text = str(qa["status"])
+    if qa.get("reason"):
+        text += f" ({qa['reason']})"
+    return text
 
 
 def _delivery_line(d: dict[str, Any]) -> str:

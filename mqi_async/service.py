@@ -28,8 +28,10 @@ from mqi_async.domain.privacy import case_key
 from mqi_async.domain.records import SkippedFolder
 from mqi_async.domain.retention import RetentionPolicy
 from mqi_async.domain.scheduling import GpuPolicy
+from mqi_async.domain.verdict import Thresholds
 from mqi_async.engine.cases import CaseSettings
 from mqi_async.engine.deliveries import DeliveryCheckSettings
+from mqi_async.engine.dose_checks import DoseCheckSettings
 from mqi_async.engine.engine import Engine, EngineSettings
 from mqi_async.engine.ports import Host
 from mqi_async.engine.retention import RetentionSettings, RetentionSweeper
@@ -96,6 +98,15 @@ def service_owner(database: Path) -> str:
     return f"{digest} {node}:{where}".replace("\n", " ")
 
 
+def planned_inputs(settings: Settings) -> dict[str, object]:
+    """What besides the plan makes a planned run's dose differ: reuse needs all of it equal."""
+    return {
+        "moqui": dict(sorted(settings.moqui.items())),
+        "mu_per_count": dict(settings.qa.delivery.mu_per_count),
+        "time_gain_ms": {r: c.time_gain_ms for r, c in settings.qa.delivery.calibration.items()},
+    }
+
+
 def engine_settings(
     settings: Settings, hosts: dict[str, Host], case_key_secret: bytes
 ) -> EngineSettings:
@@ -127,6 +138,18 @@ def engine_settings(
         ),
         cases=CaseSettings(
             work_directory=settings.work_directory,
+            max_attempts=settings.retry.max_attempts,
+            backoff_initial_s=settings.retry.backoff_initial_seconds,
+            backoff_max_s=settings.retry.backoff_max_seconds,
+        ),
+        dose_checks=DoseCheckSettings(
+            reference=settings.qa.reference,
+            thresholds=Thresholds(
+                pass_percent=settings.qa.pass_percent,
+                conditional_percent=settings.qa.conditional_percent,
+            ),
+            work_directory=settings.work_directory,
+            planned_inputs=planned_inputs(settings),
             max_attempts=settings.retry.max_attempts,
             backoff_initial_s=settings.retry.backoff_initial_seconds,
             backoff_max_s=settings.retry.backoff_max_seconds,

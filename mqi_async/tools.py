@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Literal
 
 from mqi_async.config import QaSettings, ToolsSettings
-from mqi_async.domain.errors import PermanentError, TransientError
+from mqi_async.domain.errors import (
+    FailureKind,
+    MqiError,
+    PermanentError,
+    TransientError,
+    failure_info,
+)
 from mqi_async.fluence_files import prepare_fluence_tree
 from mqi_async.qa.client import delivery_in_worker, delivery_request
 
@@ -263,6 +269,35 @@ class DoseWorker:
 
 #: the delivery gamma's cap: a gamma above it is reported as it (and the search stops there)
 DELIVERY_MAX_GAMMA = 2.0
+#: the dose gamma's search step is the distance criterion / this (PyMedPhys's interp_fraction)
+GAMMA_INTERP_FRACTION = 10
+#: the worker's name for a gamma request (mqi_async.qa.worker.GAMMA_OP)
+GAMMA_OP = "gamma"
+
+
+def _write_plan_inputs(
+    plan: Path,
+    csv_dir: Path,
+    beams: list[tuple[int, str]],
+    mu_per_count: float,
+    time_gain_ms: float,
+    moqui: Mapping[str, str | int | float | bool],
+) -> None:
+    """csv_dir afresh: the RTPLAN under plan/ and the plan's fluence CSVs under log/."""
+    from mqi_async.qa.plan_fluence import write_plan_fluence
+    from mqi_async.qa.plan_layers import PlanLayersError
+
+    _fresh_dir(csv_dir)
+    (csv_dir / "plan").mkdir(parents=True)
+    shutil.copy2(plan, csv_dir / "plan" / plan.name)
+    try:
+        write_plan_fluence(
+            plan, csv_dir / "log", beams, mu_per_count=mu_per_count, time_gain_ms=time_gain_ms
+        )
+    except PlanLayersError as exc:
+        raise PermanentError("delivery_plan_unreadable", str(exc)) from exc
+    # the same checks as the interpreter's CSVs get (form, histories)
+    prepare_fluence_tree(csv_dir / "log", moqui)
 
 
 class LocalToolRunner:
@@ -383,6 +418,52 @@ class LocalToolRunner:
             argv, log_path=log_path, timeout_s=self._s.postprocess_timeout_seconds
         )
         return result.ok
+
+    async def write_plan_fluence(
+        self, *, plan: Path, csv_dir: Path, beams: Sequence[tuple[int, str]], room: str | None
+    ) -> None:
+        """The planned run's inputs: plan/ and log/ (the plan's spots as fluence CSVs)."""
+        key: Literal["G1", "G2"] = "G1" if room == "G1" else "G2"
+        d = self._qa.delivery
+        await asyncio.to_thread(
+            _write_plan_inputs,
+            plan,
+            csv_dir,
+            list(beams),
+            d.mu_per_count[key],
+            d.calibration[key].time_gain_ms,
+            self._moqui,
+        )
+
+    async def compare_doses(
+        self, *, reference: Sequence[Path], evaluated: Sequence[Path], gamma_output: Path
+    ) -> dict[str, object]:
+        """The 3-D gamma of qa.gamma in the QA worker (the planned-vs-delivered dose check)."""
+        g = self._qa.gamma
+        request: dict[str, object] = {
+            "op": GAMMA_OP,
+            "reference": [str(p) for p in reference],
+            "evaluated": [str(p) for p in evaluated],
+            "dose_percent": g.dose_percent,
+            "distance_mm": g.distance_mm,
+            "cutoff_percent": g.cutoff_percent,
+            "local": g.normalisation == "local",
+            "max_gamma": g.max_gamma,
+            "interp_fraction": GAMMA_INTERP_FRACTION,
+            "gamma_output": str(gamma_output),
+        }
+        try:
+            answer = await self._qa_worker.request(request)
+        except MqiError as exc:
+            raise TransientError("gamma_failed", f"the dose worker failed: {exc.detail}") from exc
+        if answer.get("ok") and isinstance(answer.get("result"), dict):
+            result: dict[str, object] = answer["result"]  # type: ignore[assignment]
+            return result
+        code = str(answer.get("code") or "gamma_failed")
+        detail = str(answer.get("detail") or answer)
+        if failure_info(code).kind is FailureKind.PERMANENT:
+            raise PermanentError(code, detail)
+        raise TransientError(code, detail)
 
     async def check_delivery(
         self,

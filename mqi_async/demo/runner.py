@@ -22,6 +22,7 @@ from mqi_async.config import (
 )
 from mqi_async.demo.cases import CaseSpec, DeliveryError, DeliveryErrorKind, write_case
 from mqi_async.domain.model import CaseStatus
+from mqi_async.domain.verdict import QaStatus
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,14 @@ async def _run(settings: Settings, options: DemoOptions) -> int:
                 return
             while True:
                 await asyncio.sleep(0.5)
-                cases = await service.store.case_statuses()
-                if len(cases) >= options.cases and all(s.is_terminal for s in cases.values()):
+                # done when every case finished and every check has its verdict
+                cases = await service.store.snapshot()
+                finished = [c for c in cases if c.status.is_terminal]
+                if len(finished) >= options.cases and all(
+                    c.qa.status != QaStatus.PENDING for c in cases
+                ):
                     outcome["all_completed"] = all(
-                        s == CaseStatus.COMPLETED for s in cases.values()
+                        c.status == CaseStatus.COMPLETED for c in cases
                     )
                     service.request_stop()
                     return

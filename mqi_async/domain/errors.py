@@ -286,6 +286,35 @@ FAILURES: dict[str, FailureInfo] = {
     "gamma_failed": FailureInfo(
         _T, "The gamma computation failed or its worker died; it is retried."
     ),
+    "dose_grids_differ": FailureInfo(
+        _P,
+        "The beam doses are on different grids or frames of reference and cannot be summed "
+        "for the plan; compare the beams one by one.",
+    ),
+    "dose_check_off": FailureInfo(_P, "Dose checks are switched off (qa.reference: none)."),
+    "dose_check_not_run": FailureInfo(
+        _P,
+        "This case finished before dose checks existed; `mqi-async retry` on a failed case "
+        "runs them.",
+    ),
+    "no_tps_dose": FailureInfo(
+        _P,
+        "No planned RT Dose (Modality RTDOSE referencing this RTPLAN) was found in the case "
+        "folder; export it from the TPS with the plan, or use qa.reference: planned_mc.",
+    ),
+    "no_delivered_dose": FailureInfo(
+        _P, "The beam has no delivered dose (its MOQUI run failed or was cancelled)."
+    ),
+    "planned_run_failed": FailureInfo(
+        _P,
+        "The MOQUI run on the plan failed, so there is no planned dose to compare with; see "
+        "its error, then retry the case.",
+    ),
+    "planned_dose_missing": FailureInfo(
+        _P,
+        "The planned dose files are gone (removed by retention?); retry the case to run the "
+        "plan again.",
+    ),
     # delivery checks (the spot record of one delivery against the plan)
     "ptn_missing": FailureInfo(
         _P, "The delivery folder holds no .ptn record; re-send that delivery's logs."

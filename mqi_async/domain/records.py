@@ -122,6 +122,14 @@ class RunRow:
     ended_at: datetime | None
 
 
+class CaseKind(StrEnum):
+    """A case from the scan directory, or the service's own run of a plan (its reference dose)."""
+
+    TREATMENT = "treatment"
+    #: MOQUI on the plan's own spots; never shown as a case, shared by every case of that plan
+    PLANNED = "planned"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NewCase:
     """A case to register. Names are kept exactly as they are on disk."""
@@ -139,6 +147,7 @@ class NewCase:
     plan_path: str | None = None
     gantry: int | None = None
     patient_id: str | None = None
+    kind: CaseKind = CaseKind.TREATMENT
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,6 +172,9 @@ class CaseRow:
     plan_path: str | None
     gantry: int | None
     patient_id: str | None
+    kind: CaseKind = CaseKind.TREATMENT
+    #: a treatment case: the planned case whose runs are its beams' reference doses
+    planned_case_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,3 +277,38 @@ class DeliveryToCheck:
     room: str | None
     plan_path: str
     case_safe_name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DoseCheckRow:
+    """The planned-vs-delivered dose check of one beam, or of a case's plan sum (beam_id None)."""
+
+    case_id: str
+    beam_id: str | None
+    status: QaStatus
+    #: `code: sentence` for skipped and error
+    reason: str | None = None
+    #: the gamma summary (pass_rate_percent, gamma_mean, …, seconds, reference, evaluated)
+    result: Mapping[str, object] | None = None
+    checked_at: datetime | None = None
+
+    def as_status(self, *, report: str | None = None) -> dict[str, object]:
+        """The `qa` object of `status --json` (CONTRACT.md "Dose checks")."""
+        result = self.result or {}
+        return {
+            "status": str(self.status),
+            "pass_rate_percent": result.get("pass_rate_percent"),
+            "gamma_mean": result.get("gamma_mean"),
+            "gamma_max": result.get("gamma_max"),
+            "evaluated_points": result.get("evaluated_points"),
+            "reason": self.reason,
+            "report": report,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TpsDoseFiles:
+    """Planned RT Doses of a plan found in a case folder: per DICOM BeamNumber, and the sum."""
+
+    beams: Mapping[int, str]
+    plan: str | None

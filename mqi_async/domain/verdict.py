@@ -18,14 +18,15 @@ class QaStatus(StrEnum):
     ERROR = "error"  # the check itself could not be computed; with a named reason
 
 
-#: worst first: a case's verdict is the worst of its parts
+#: worst first: a case's verdict is the worst of its parts; a part that was not checked
+#: (skipped) keeps the whole from reading "passed", but never hides a failure
 _SEVERITY: dict[QaStatus, int] = {
     QaStatus.ERROR: 0,
     QaStatus.FAILED: 1,
     QaStatus.CONDITIONAL: 2,
     QaStatus.PENDING: 3,
-    QaStatus.PASSED: 4,
-    QaStatus.SKIPPED: 5,
+    QaStatus.SKIPPED: 4,
+    QaStatus.PASSED: 5,
 }
 
 
@@ -53,7 +54,7 @@ def classify(pass_rate_percent: float, thresholds: Thresholds) -> QaStatus:
 
 
 def worst(statuses: Iterable[QaStatus]) -> QaStatus:
-    """The case's verdict from its parts: the worst one; all skipped stays skipped.
+    """The case's verdict from its parts: the worst one (skipped only above passed).
 
     A case with nothing to judge yet is pending.
     """

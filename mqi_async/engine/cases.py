@@ -12,7 +12,7 @@ from pathlib import Path
 from mqi_async.domain.errors import FailureKind, IngestError, MqiError, format_error
 from mqi_async.domain.fractions import DeliveryRecord, Waiting, delivery_id
 from mqi_async.domain.model import BeamStatus, CaseStatus, aggregate_case_status, case_progress
-from mqi_async.domain.records import CaseRow, NewBeam, NewDelivery, ResolvedCase
+from mqi_async.domain.records import CaseKind, CaseRow, NewBeam, NewDelivery, ResolvedCase
 from mqi_async.engine.layout import CaseDirs
 from mqi_async.engine.ports import CaseSource, Clock, LocalTools, Store
 
@@ -42,6 +42,7 @@ class CaseWorkflow:
         settings: CaseSettings,
         on_beams_ready: Callable[[str], None],
         on_new_deliveries: Callable[[str], None] = lambda _case_id: None,
+        on_case_done: Callable[[str], None] = lambda _case_id: None,
     ) -> None:
         self._store = store
         self._source = source
@@ -50,13 +51,19 @@ class CaseWorkflow:
         self._s = settings
         self._on_beams_ready = on_beams_ready
         self._on_new_deliveries = on_new_deliveries
+        self._on_case_done = on_case_done
 
     async def run(self, case_id: str) -> None:
         while True:
             case = await self._store.get_case(case_id)
             if case is None:
                 return
-            if case.status in (C.PENDING, C.WAITING):
+            if case.status in (C.PENDING, C.WAITING) and case.kind == CaseKind.PLANNED:
+                # a planned case has its plan already (a retry brings it back here)
+                await self._store.transition_case(
+                    case_id, C.INTERPRETING, message="the plan's inputs, once more"
+                )
+            elif case.status in (C.PENDING, C.WAITING):
                 if (
                     case.status == C.WAITING
                     and case.recheck_at
@@ -128,18 +135,32 @@ class CaseWorkflow:
             patient_id=found.plan.patient_id,
         )
 
+    async def _make_inputs(self, case: CaseRow, dirs: CaseDirs) -> None:
+        """The case's MOQUI inputs under dirs.csv: the interpreter's log CSVs, or for a
+        planned case the plan's own spots as CSVs."""
+        if case.kind == CaseKind.PLANNED:
+            beams = await self._store.list_beams(case.case_id)
+            await self._tools.write_plan_fluence(
+                plan=Path(case.plan_path or ""),
+                csv_dir=dirs.csv,
+                beams=[(b.beam_number or 0, b.beam_name or "") for b in beams],
+                room=case.room,
+            )
+            return
+        # the tool starts each try in a fresh output dir, after stopping any leftover run
+        await self._tools.interpret(
+            case_path=Path(case.case_path),
+            csv_dir=dirs.csv,
+            log_path=dirs.logs / "interpreter.log",
+        )
+        await asyncio.to_thread(self._ensure_plan_copy, case, dirs)
+
     async def _interpret(self, case: CaseRow) -> bool:
         dirs = CaseDirs.of(self._s.work_directory, case)
         failures = 0
         while True:
             try:
-                # the tool starts each try in a fresh output dir, after stopping any leftover run
-                await self._tools.interpret(
-                    case_path=Path(case.case_path),
-                    csv_dir=dirs.csv,
-                    log_path=dirs.logs / "interpreter.log",
-                )
-                await asyncio.to_thread(self._ensure_plan_copy, case, dirs)
+                await self._make_inputs(case, dirs)
                 break
             except MqiError as exc:
                 failures += 1
@@ -196,6 +217,7 @@ class CaseWorkflow:
             await self._store.transition_case(
                 case_id, C.FAILED, changes={"error": error, "progress": progress}, message=error
             )
+            self._on_case_done(case_id)
         elif status == C.CANCELLED:
             await self._store.transition_case(
                 case_id,
@@ -203,6 +225,7 @@ class CaseWorkflow:
                 changes={"error": format_error("cancelled")},
                 message="all beams cancelled",
             )
+            self._on_case_done(case_id)
         else:
             await self._store.transition_case(
                 case_id,
@@ -237,6 +260,13 @@ class CaseWorkflow:
             self._on_new_deliveries(case.case_id)
 
     async def _postprocess(self, case: CaseRow) -> None:
+        if case.kind == CaseKind.PLANNED:
+            # a planned run's doses are references for dose checks; nothing to post-process
+            await self._store.transition_case(
+                case.case_id, C.COMPLETED, changes={"progress": 100}, message="planned doses ready"
+            )
+            self._on_case_done(case.case_id)
+            return
         await self.refresh_deliveries(case)
         dirs = CaseDirs.of(self._s.work_directory, case)
         values = {
@@ -260,6 +290,7 @@ class CaseWorkflow:
         await self._store.transition_case(
             case.case_id, C.COMPLETED, changes={"progress": 100}, message=message
         )
+        self._on_case_done(case.case_id)
 
 
 def _new_delivery(case_id: str, d: DeliveryRecord) -> NewDelivery:

@@ -16,6 +16,7 @@ from mqi_async.domain.records import BeamRow, CaseRow, CommandStatus, NewCase, R
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings, CaseWorkflow
 from mqi_async.engine.deliveries import DeliveryChecker, DeliveryCheckSettings
+from mqi_async.engine.dose_checks import DoseChecker, DoseCheckSettings
 from mqi_async.engine.pollers import GpuPoller, JobMonitor
 from mqi_async.engine.ports import CaseSource, Clock, Host, LocalTools, Store
 from mqi_async.engine.scheduler import GpuScheduler
@@ -45,6 +46,7 @@ class EngineSettings:
     run_poll_s: float
     max_jobs: Mapping[str, int]
     deliveries: DeliveryCheckSettings
+    dose_checks: DoseCheckSettings
     dispatch_interval_s: float = 1.0
 
 
@@ -107,6 +109,13 @@ class Engine:
             request_sample=lambda h: self.pollers[h].poll_now(),
         )
         self.deliveries = DeliveryChecker(store=store, tools=tools, settings=settings.deliveries)
+        self.dose_checks = DoseChecker(
+            store=store,
+            tools=tools,
+            source=source,
+            settings=settings.dose_checks,
+            on_planned_case=lambda _case_id: self.wake(),
+        )
         self.cases = CaseWorkflow(
             store=store,
             source=source,
@@ -115,6 +124,7 @@ class Engine:
             settings=settings.cases,
             on_beams_ready=lambda _case_id: self.wake(),
             on_new_deliveries=lambda _case_id: self.deliveries.wake(),
+            on_case_done=lambda _case_id: self.dose_checks.wake(),
         )
         self.beams = BeamWorkflow(
             store=store,
@@ -163,6 +173,7 @@ class Engine:
                 tg.create_task(self._supervise(f"job monitor {name}", self.monitors[name].run))
             tg.create_task(self._supervise("scheduler", self.scheduler.run))
             tg.create_task(self._supervise("delivery checks", self.deliveries.run))
+            tg.create_task(self._supervise("dose checks", self.dose_checks.run))
             tg.create_task(self._supervise("commands", self._command_loop))
             self.ready.set()
             await self._dispatch_loop()
@@ -532,6 +543,14 @@ class Engine:
             case_id, message="retry requested: every delivery is checked again"
         )
         self.deliveries.wake()
+        await self._store.reset_dose_checks(
+            case_id, message="retry requested: the dose checks run again"
+        )
+        if case.planned_case_id:
+            planned = await self._store.get_case(case.planned_case_id)
+            if planned is not None and planned.status in (C.FAILED, C.CANCELLED):
+                await self._retry(planned.case_id)  # its failed planned runs, once more
+        self.dose_checks.wake()
         # a case that never got beams (bad input) is resolved again from its files
         target = C.PENDING
         await self._store.transition_case(

@@ -25,12 +25,14 @@ from mqi_async.domain.records import (
     CommandStatus,
     DeliveryRow,
     DeliveryToCheck,
+    DoseCheckRow,
     LeaseRow,
     NewBeam,
     NewCase,
     NewDelivery,
     ResolvedCase,
     RunRow,
+    TpsDoseFiles,
 )
 from mqi_async.domain.slurm import SlurmQueue
 from mqi_async.domain.verdict import QaStatus
@@ -256,6 +258,28 @@ class Store(Protocol):
 
     async def count_deliveries(self, case_id: str) -> int: ...
 
+    async def link_planned_case(
+        self, case_id: str, planned: NewCase, beams: Sequence[NewBeam]
+    ) -> tuple[CaseRow, bool]:
+        """Make (or find) the planned case and point the treatment case at it."""
+        ...
+
+    async def cases_to_dose_check(self, limit: int = 50) -> list[CaseRow]: ...
+
+    async def dose_checks(self, case_id: str) -> list[DoseCheckRow]: ...
+
+    async def record_dose_check(
+        self,
+        case_id: str,
+        beam_id: str | None,
+        *,
+        status: QaStatus,
+        reason: str | None = None,
+        result: Mapping[str, object] | None = None,
+    ) -> None: ...
+
+    async def reset_dose_checks(self, case_id: str, *, message: str) -> int: ...
+
     async def record_delivery_check(
         self,
         delivery: DeliveryRow,
@@ -299,6 +323,21 @@ class LocalTools(Protocol):
         """Run the post-processing command; None when none is configured."""
         ...
 
+    async def write_plan_fluence(
+        self, *, plan: Path, csv_dir: Path, beams: Sequence[tuple[int, str]], room: str | None
+    ) -> None:
+        """A fresh `csv_dir` with plan/ (the RTPLAN) and log/ (fluence CSVs of the plan's own
+        spots, one field folder per (BeamNumber, BeamName)), for the planned MOQUI run."""
+        ...
+
+    async def compare_doses(
+        self, *, reference: Sequence[Path], evaluated: Sequence[Path], gamma_output: Path
+    ) -> dict[str, object]:
+        """The 3-D gamma (qa.gamma) of the summed `evaluated` doses against the summed
+        `reference` ones, off the loop; its summary. Raises the named PermanentError when they
+        cannot be compared, TransientError when the worker failed."""
+        ...
+
     async def check_delivery(
         self,
         *,
@@ -323,6 +362,14 @@ class CaseSource(Protocol):
         self, case_id: str, case_path: str, *, now: datetime
     ) -> ResolvedCase | Waiting:
         """Raises IngestError with a named code when the case is broken."""
+        ...
+
+    async def plan_uid(self, plan_path: str) -> str:
+        """The RTPLAN's SOPInstanceUID (header only, off the loop)."""
+        ...
+
+    async def tps_doses(self, case_path: str, plan_uid: str) -> TpsDoseFiles:
+        """The planned RT Doses in the case folder that reference the plan."""
         ...
 
     async def list_deliveries(

@@ -19,7 +19,7 @@ from mqi_async.domain.fractions import (
     resolve_case,
 )
 from mqi_async.domain.plan import Plan, find_rtplan_candidates, select_rtplan
-from mqi_async.domain.records import ResolvedCase, SkippedFolder
+from mqi_async.domain.records import ResolvedCase, SkippedFolder, TpsDoseFiles
 from mqi_async.ingest.layout import (
     PLANINFO_NAME,
     ROOMS,
@@ -398,6 +398,22 @@ class CaseReader:
         return plan, [
             d for d in deliveries if os.path.normpath(d.path) != os.path.normpath(plan_dir)
         ]
+
+    async def plan_uid(self, plan_path: str) -> str:
+        def read() -> str:
+            try:
+                ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
+            except Exception as exc:  # pydicom raises many kinds for a damaged file
+                raise IngestError("rtplan_parse_failed", f"{plan_path}: {exc}") from exc
+            return str(ds.get("SOPInstanceUID", "") or "")
+
+        return await asyncio.to_thread(read)
+
+    async def tps_doses(self, case_path: str, plan_uid: str) -> TpsDoseFiles:
+        from mqi_async.qa.rtdose import find_tps_doses
+
+        found = await asyncio.to_thread(find_tps_doses, case_path, plan_uid)
+        return TpsDoseFiles(beams=found.beams, plan=found.plan)
 
     async def list_deliveries(
         self, case_id: str, case_path: str, *, now: datetime

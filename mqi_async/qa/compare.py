@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from mqi_async.domain.errors import PermanentError
 from mqi_async.qa.gamma import GammaOptions, GammaResult, gamma
-from mqi_async.qa.rtdose import DoseGrid, read_rt_dose
+from mqi_async.qa.rtdose import DoseGrid, read_rt_dose, read_summed
 
 
 def _fmt(bounds: tuple[tuple[float, float], ...]) -> str:
@@ -67,18 +67,28 @@ def compare_doses(
     return result
 
 
+DosePaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+def _read(paths: DosePaths) -> DoseGrid:
+    if isinstance(paths, (str, os.PathLike)):
+        return read_rt_dose(paths)
+    return read_summed(list(paths))
+
+
 def compare_files(
-    reference: str | os.PathLike[str],
-    evaluated: str | os.PathLike[str],
+    reference: DosePaths,
+    evaluated: DosePaths,
     options: GammaOptions,
     *,
     threads: int | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GammaResult:
     """Read both RT Dose files (`dose_unreadable`, `unsupported_orientation`) and compare;
+    a list of files on each side is their sum (a plan's beams; `dose_grids_differ`).
     `seconds` of the result counts the reading too."""
     started = time.perf_counter()
-    ref = read_rt_dose(reference)
-    ev = read_rt_dose(evaluated)
+    ref = _read(reference)
+    ev = _read(evaluated)
     result = compare_doses(ref, ev, options, threads=threads, should_stop=should_stop)
     return replace(result, seconds=time.perf_counter() - started)

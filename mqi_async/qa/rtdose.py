@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,3 +172,79 @@ def read_rt_dose(path: str | os.PathLike[str]) -> DoseGrid:
         path=p,
         units=units,
     )
+
+
+def read_summed(paths: Sequence[str | os.PathLike[str]]) -> DoseGrid:
+    """The sum of RT Doses on one grid (a plan's beams). Raises PermanentError
+    `dose_unreadable`, or `dose_grids_differ` when the grids or frames of reference differ."""
+    if not paths:
+        raise PermanentError("dose_unreadable", "no dose file to sum")
+    first = read_rt_dose(paths[0])
+    total = first.dose.copy()
+    for path in paths[1:]:
+        grid = read_rt_dose(path)
+        same_axes = grid.shape == first.shape and all(
+            np.allclose(a, b, atol=1e-3) for a, b in zip(grid.axes, first.axes, strict=True)
+        )
+        if not same_axes or grid.frame_of_reference_uid != first.frame_of_reference_uid:
+            raise PermanentError(
+                "dose_grids_differ",
+                f"{grid.path} is not on the grid (or in the frame of reference) of {first.path};"
+                " beam doses on different grids cannot be summed",
+            )
+        total += grid.dose
+    return DoseGrid(
+        dose=total,
+        z=first.z,
+        y=first.y,
+        x=first.x,
+        frame_of_reference_uid=first.frame_of_reference_uid,
+        path=" + ".join(str(p) for p in paths),
+        units=first.units,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TpsDoses:
+    """The planned RT Doses found for a plan: per DICOM BeamNumber, and the plan sum."""
+
+    beams: dict[int, str]
+    plan: str | None
+
+
+def find_tps_doses(folder: str | os.PathLike[str], plan_uid: str) -> TpsDoses:
+    """RT Dose files directly in `folder` or one level down that reference the plan.
+
+    Only headers are read. A dose summed over the plan (DoseSummationType PLAN or FRACTION)
+    is the plan sum; a BEAM dose belongs to the ReferencedBeamNumber it names.
+    """
+    beams: dict[int, str] = {}
+    plan: str | None = None
+    root = Path(folder)
+    candidates = sorted([*root.glob("*"), *root.glob("*/*")], key=lambda p: (len(p.parts), str(p)))
+    for path in candidates:
+        if not path.is_file() or path.suffix.lower() not in (".dcm", ".dicom"):
+            continue
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception:  # not DICOM, or damaged: not a dose for this check
+            continue
+        if str(ds.get("Modality", "")) != "RTDOSE":
+            continue
+        refs = [
+            str(r.get("ReferencedSOPInstanceUID", ""))
+            for r in ds.get("ReferencedRTPlanSequence") or []
+        ]
+        if plan_uid not in refs:
+            continue
+        summation = str(ds.get("DoseSummationType", "")).upper()
+        if summation in ("PLAN", "FRACTION", "MULTI_PLAN"):
+            plan = plan or str(path)
+            continue
+        for ref in ds.get("ReferencedRTPlanSequence") or []:
+            for group in ref.get("ReferencedFractionGroupSequence") or []:
+                for beam in group.get("ReferencedBeamSequence") or []:
+                    number = beam.get("ReferencedBeamNumber")
+                    if number is not None:
+                        beams.setdefault(int(number), str(path))
+    return TpsDoses(beams=beams, plan=plan)

@@ -86,6 +86,13 @@ def _options(request: Mapping[str, object]) -> GammaOptions:
     )
 
 
+def _paths(value: object) -> str | list[str]:
+    """One file, or the files to sum."""
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return str(value)
+
+
 def answer_gamma_request(request: Mapping[str, object]) -> dict[str, object]:
     """Carry out one gamma request (in the worker); returns the summary.
 
@@ -97,7 +104,7 @@ def answer_gamma_request(request: Mapping[str, object]) -> dict[str, object]:
         options = _options(request)
     except GammaInputError as exc:
         raise PermanentError("internal_error", f"bad gamma request: {exc}") from exc
-    result = compare_files(str(request["reference"]), str(request["evaluated"]), options)
+    result = compare_files(_paths(request["reference"]), _paths(request["evaluated"]), options)
     summary = result.summary()
     target = request.get("gamma_output")
     if target:

@@ -6,7 +6,7 @@ import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 
 from mqi_async.domain.model import CaseStatus, check_case_transition
-from mqi_async.domain.records import BeamRow, CaseRow, NewBeam, NewCase, NewDelivery
+from mqi_async.domain.records import BeamRow, CaseKind, CaseRow, NewBeam, NewCase, NewDelivery
 from mqi_async.store import events
 from mqi_async.store.beams import Beams, placeholders
 from mqi_async.store.columns import (
@@ -46,8 +46,12 @@ _NAMES = (
     "plan_path",
     "gantry",
     "patient_id",
+    "kind",
+    "planned_case_id",
 )
 _COLUMNS = ", ".join(_NAMES)
+#: the columns as `c.<name>`, for queries that join `cases c`
+CASE_COLUMNS_AS_C = ", ".join(f"c.{n}" for n in _NAMES)
 
 #: Columns a caller may set through `changes`; the status has its own path.
 CHANGEABLE: Mapping[str, Encoder] = {
@@ -62,10 +66,11 @@ CHANGEABLE: Mapping[str, Encoder] = {
     "plan_path": as_path_text,
     "gantry": as_int,
     "patient_id": as_text,
+    "planned_case_id": as_text,
 }
 
 
-def _case_from(row: sqlite3.Row) -> CaseRow:
+def case_from_row(row: sqlite3.Row) -> CaseRow:
     return CaseRow(
         case_id=row["case_id"],
         safe_name=row["safe_name"],
@@ -85,6 +90,8 @@ def _case_from(row: sqlite3.Row) -> CaseRow:
         plan_path=row["plan_path"],
         gantry=row["gantry"],
         patient_id=row["patient_id"],
+        kind=CaseKind(row["kind"]),
+        planned_case_id=row["planned_case_id"],
     )
 
 
@@ -139,6 +146,8 @@ class Cases:
                     case.plan_path,
                     case.gantry,
                     case.patient_id,
+                    str(case.kind),
+                    None,
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -207,7 +216,7 @@ class Cases:
 
     async def get(self, case_id: str) -> CaseRow | None:
         row = await self._s.row(f"SELECT {_COLUMNS} FROM cases WHERE case_id = ?", (case_id,))
-        return None if row is None else _case_from(row)
+        return None if row is None else case_from_row(row)
 
     async def require(self, case_id: str) -> CaseRow:
         case = await self.get(case_id)
@@ -228,7 +237,7 @@ class Cases:
                 " ORDER BY created_at, rowid",
                 wanted,
             )
-        return [_case_from(r) for r in rows]
+        return [case_from_row(r) for r in rows]
 
     async def transition(
         self,

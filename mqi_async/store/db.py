@@ -26,6 +26,7 @@ from mqi_async.domain.records import (
     CommandStatus,
     DeliveryRow,
     DeliveryToCheck,
+    DoseCheckRow,
     LeaseRow,
     NewBeam,
     NewCase,
@@ -35,9 +36,10 @@ from mqi_async.domain.records import (
 )
 from mqi_async.domain.verdict import QaStatus
 from mqi_async.store.beams import Beams
-from mqi_async.store.cases import Cases
+from mqi_async.store.cases import CASE_COLUMNS_AS_C, Cases, case_from_row
 from mqi_async.store.commands import Commands
 from mqi_async.store.deliveries import Deliveries
+from mqi_async.store.dose_checks import DoseChecks
 from mqi_async.store.events import EventRow, Events
 from mqi_async.store.files import (
     absolute,
@@ -93,6 +95,7 @@ class Transaction:
         "cases",
         "commands",
         "deliveries",
+        "dose_checks",
         "events",
         "gpus",
         "hosts",
@@ -106,6 +109,7 @@ class Transaction:
         self.cases = Cases(session)
         self.beams = Beams(session)
         self.deliveries = Deliveries(session)
+        self.dose_checks = DoseChecks(session)
         self.runs = Runs(session)
         self.gpus = Gpus(session)
         self.hosts = Hosts(session)
@@ -439,6 +443,68 @@ class Store:
     async def list_deliveries(self, case_id: str) -> list[DeliveryRow]:
         async with self.read() as tx:
             return await tx.deliveries.of_case(case_id)
+
+    # -- planned runs and dose checks ------------------------------------------------------
+
+    async def link_planned_case(
+        self, case_id: str, planned: NewCase, beams: Sequence[NewBeam]
+    ) -> tuple[CaseRow, bool]:
+        """The planned case of a treatment case: made (with its beams) unless a case of the same
+        plan has made it already; the treatment case points at it. Returns (it, made now)."""
+        async with self.transaction() as tx:
+            row, created = await tx.cases.register(planned, beams)
+            await tx.cases.update(case_id, {"planned_case_id": planned.case_id})
+            await tx.events.append(
+                "dose_check",
+                (
+                    f"planned run of the plan: {planned.case_id}"
+                    + (" (new)" if created else f" (reused, {row.status})")
+                ),
+                case_id=case_id,
+            )
+            return row, created
+
+    async def cases_to_dose_check(self, limit: int = 50) -> list[CaseRow]:
+        """Treatment cases with a plan whose dose check has no verdict yet."""
+        async with self.read() as tx:
+            rows = await tx.dose_checks.unchecked_cases(CASE_COLUMNS_AS_C, limit)
+            return [case_from_row(r) for r in rows]
+
+    async def dose_checks(self, case_id: str) -> list[DoseCheckRow]:
+        async with self.read() as tx:
+            return await tx.dose_checks.of_case(case_id)
+
+    async def record_dose_check(
+        self,
+        case_id: str,
+        beam_id: str | None,
+        *,
+        status: QaStatus,
+        reason: str | None = None,
+        result: Mapping[str, object] | None = None,
+    ) -> None:
+        """A beam's (or, beam_id None, the plan sum's) verdict, with its event."""
+        async with self.transaction() as tx:
+            await tx.dose_checks.record(
+                case_id, beam_id, status=status, reason=reason, result=result
+            )
+            rate = (result or {}).get("pass_rate_percent")
+            what = beam_id or "plan sum"
+            shown = f"{rate} %" if rate is not None else (reason or "")
+            await tx.events.append(
+                "dose_check",
+                f"{what}: {status} {shown}".rstrip(),
+                case_id=case_id,
+                beam_id=beam_id,
+                data={"status": str(status), "reason": reason},
+            )
+
+    async def reset_dose_checks(self, case_id: str, *, message: str) -> int:
+        async with self.transaction() as tx:
+            count = await tx.dose_checks.reset(case_id)
+            if count:
+                await tx.events.append("dose_check", message, case_id=case_id)
+            return count
 
     # -- delivery checks -------------------------------------------------------------------
 

@@ -217,6 +217,29 @@ ALTER TABLE deliveries ADD COLUMN qa_attempts INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX idx_deliveries_qa ON deliveries (qa_status);
 """
 
+# Planned cases (MOQUI on the plan itself) and the planned-vs-delivered dose checks. Cases that
+# had finished are not checked after the upgrade (their planned runs would take GPU time).
+_V8 = """
+ALTER TABLE cases ADD COLUMN kind TEXT NOT NULL DEFAULT 'treatment';
+ALTER TABLE cases ADD COLUMN planned_case_id TEXT;
+CREATE INDEX idx_cases_planned ON cases (planned_case_id);
+CREATE TABLE dose_checks (
+    subject_id  TEXT PRIMARY KEY,
+    case_id     TEXT NOT NULL REFERENCES cases (case_id) ON DELETE CASCADE,
+    beam_id     TEXT REFERENCES beams (beam_id) ON DELETE CASCADE,
+    status      TEXT NOT NULL,
+    reason      TEXT,
+    result      TEXT,
+    checked_at  TEXT NOT NULL
+);
+CREATE INDEX idx_dose_checks_case ON dose_checks (case_id);
+INSERT INTO dose_checks (subject_id, case_id, beam_id, status, reason, result, checked_at)
+    SELECT case_id, case_id, NULL, 'skipped',
+           'dose_check_not_run: the case finished before dose checks existed',
+           NULL, updated_at
+    FROM cases WHERE status IN ('completed', 'failed', 'cancelled');
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(version=1, description="initial schema", sql=_V1),
     Migration(version=2, description="case priorities", sql=_V2),
@@ -225,6 +248,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(version=5, description="a cluster's queue line for the dashboard", sql=_V5),
     Migration(version=6, description="folders the scan skipped, for status", sql=_V6),
     Migration(version=7, description="a delivery check per delivery", sql=_V7),
+    Migration(version=8, description="planned runs and dose checks", sql=_V8),
 )
 
 #: The schema version this code reads and writes.

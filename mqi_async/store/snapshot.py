@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from mqi_async.domain.model import BeamStatus, CaseStatus, case_progress
-from mqi_async.domain.records import DeliveryRow
+from mqi_async.domain.records import DeliveryRow, DoseCheckRow
+from mqi_async.domain.verdict import QaStatus, worst
 from mqi_async.store.columns import SqlValue, decode_optional_time, decode_str_list, decode_time
 from mqi_async.store.deliveries import DELIVERY_COLUMNS, delivery_from_row
+from mqi_async.store.dose_checks import DOSE_CHECK_COLUMNS, dose_check_from_row
 from mqi_async.store.session import Session
+
+#: the `qa` object of a beam whose dose check has no verdict yet
+_PENDING_QA = DoseCheckRow(case_id="", beam_id=None, status=QaStatus.PENDING).as_status()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,6 +39,8 @@ class BeamSnapshot:
     transfer_done_bytes: int
     transfer_total_bytes: int
     updated_at: datetime | None = None
+    #: the planned-vs-delivered dose check; None while pending
+    qa: DoseCheckRow | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -46,6 +53,7 @@ class BeamSnapshot:
             "progress": self.progress,
             "outputs": list(self.outputs),
             "error": self.error,
+            "qa": self.qa.as_status() if self.qa is not None else _PENDING_QA,
         }
 
 
@@ -66,6 +74,34 @@ class CaseSnapshot:
     updated_at: datetime
     #: every delivery folder of every fraction, with its delivery check
     deliveries: tuple[DeliveryRow, ...] = ()
+    #: the plan-sum dose check; None while pending
+    plan_qa: DoseCheckRow | None = None
+    #: the case report's PDF; None while none has been written
+    report: str | None = None
+
+    @property
+    def qa(self) -> DoseCheckRow:
+        """The case's verdict: the plan sum's numbers, and the worst status of all its checks
+        (the plan sum, every beam, every delivery) once none is pending."""
+        plan = self.plan_qa or DoseCheckRow(
+            case_id=self.case_id, beam_id=None, status=QaStatus.PENDING
+        )
+        parts = [plan.status]
+        parts += [b.qa.status if b.qa else QaStatus.PENDING for b in self.beams]
+        parts += [d.qa_status for d in self.deliveries]
+        # final only once every check has its verdict
+        status = QaStatus.PENDING if QaStatus.PENDING in parts else worst(parts)
+        reason = plan.reason
+        if status != plan.status and reason is None:
+            reason = _worst_reason(status, self.beams, self.deliveries)
+        return DoseCheckRow(
+            case_id=self.case_id,
+            beam_id=None,
+            status=status,
+            reason=reason,
+            result=plan.result,
+            checked_at=plan.checked_at,
+        )
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -76,8 +112,22 @@ class CaseSnapshot:
             "error": self.error,
             "case_path": self.case_path,
             "beams": [b.as_dict() for b in self.beams],
+            "qa": self.qa.as_status(report=self.report),
             "deliveries": [d.as_status() for d in self.deliveries],
         }
+
+
+def _worst_reason(
+    status: QaStatus, beams: Sequence[BeamSnapshot], deliveries: Sequence[DeliveryRow]
+) -> str | None:
+    """Which part makes the case's verdict `status` (a beam or a delivery), in words."""
+    for b in beams:
+        if b.qa is not None and b.qa.status == status:
+            return f"{b.beam_id}: {status}" + (f" ({b.qa.reason})" if b.qa.reason else "")
+    for d in deliveries:
+        if d.qa_status == status:
+            return f"delivery {d.folder}: {status}" + (f" ({d.qa_reason})" if d.qa_reason else "")
+    return None
 
 
 def status_document(cases: list[CaseSnapshot]) -> dict[str, object]:
@@ -130,11 +180,20 @@ async def _cases_with_beams(
     """Cases matching `where` (SQL on `cases`) with their beams and deliveries: three queries."""
     beams_of: dict[str, list[BeamSnapshot]] = {}
     deliveries_of: dict[str, list[DeliveryRow]] = {}
-    beam_filter = f" WHERE case_id IN (SELECT case_id FROM cases {where})" if where else ""
+    checks: dict[str, DoseCheckRow] = {}
+    # the service's own planned cases are never shown as cases
+    where = f"{where} AND kind = 'treatment'" if where else "WHERE kind = 'treatment'"
+    beam_filter = f" WHERE case_id IN (SELECT case_id FROM cases {where})"
+    for r in await session.rows(
+        f"SELECT {DOSE_CHECK_COLUMNS} FROM dose_checks{beam_filter}", params
+    ):
+        check = dose_check_from_row(r)
+        checks[check.beam_id or check.case_id] = check
     for r in await session.rows(
         f"SELECT {_BEAM_COLUMNS} FROM beams{beam_filter} ORDER BY case_id, beam_index", params
     ):
-        beams_of.setdefault(r["case_id"], []).append(_beam_from(r))
+        beam = _beam_from(r)
+        beams_of.setdefault(r["case_id"], []).append(replace(beam, qa=checks.get(beam.beam_id)))
     for r in await session.rows(
         f"SELECT {DELIVERY_COLUMNS} FROM deliveries{beam_filter} ORDER BY case_id,"
         " fraction_index IS NULL, fraction_index, delivered_at, delivery_id",
@@ -156,6 +215,7 @@ async def _cases_with_beams(
             created_at=decode_time(r["created_at"]),
             updated_at=decode_time(r["updated_at"]),
             deliveries=tuple(deliveries_of.get(r["case_id"], ())),
+            plan_qa=checks.get(r["case_id"]),
         )
         for r in await session.rows(
             f"SELECT {_CASE_COLUMNS} FROM cases {where} ORDER BY created_at, rowid", params
@@ -201,7 +261,10 @@ async def read_dashboard_cases(
         params = (*_TERMINAL, recent)
     cases = await _cases_with_beams(session, where, params)
     by_case = {
-        r[0]: r[1] for r in await session.rows("SELECT status, COUNT(*) FROM cases GROUP BY status")
+        r[0]: r[1]
+        for r in await session.rows(
+            "SELECT status, COUNT(*) FROM cases WHERE kind = 'treatment' GROUP BY status"
+        )
     }
     by_beam = {
         r[0]: r[1] for r in await session.rows("SELECT status, COUNT(*) FROM beams GROUP BY status")

@@ -160,7 +160,11 @@ async def test_case_copied_file_by_file_is_taken_only_after_its_marker(tmp_path:
 
     by_path = {case.case_path: case for _, case, _ in recorder.reports}
     assert by_path[str(flat_case_dir)] == FoundCase(
-        case_id="FLAT01", case_path=str(flat_case_dir), room="G2", safe_name="FLAT01"
+        case_id="FLAT01",
+        case_path=str(flat_case_dir),
+        room="G2",
+        safe_name="FLAT01",
+        delivery_folders=len(flat.delivery_dirs),
     )
     # nested: the case is the patient, the case path the study folder
     study = nested_case_dir.name
@@ -171,6 +175,7 @@ async def test_case_copied_file_by_file_is_taken_only_after_its_marker(tmp_path:
         safe_name="NEST01",
         study_case_id=f"NEST01/{study}",
         study_safe_name=safe_name(f"NEST01/{study}"),
+        delivery_folders=len(nested.delivery_dirs),
     )
 
 

@@ -207,14 +207,15 @@ def test_2b_the_stand_in_misreads_crlf_rows_as_the_public_fork_does(tmp_path: Pa
 
 
 async def test_3_zero_histories_are_refused_before_launch(tmp_path: Path) -> None:
-    # counts are at most a few hundred: 1e-4 histories per count gives every spot 0
+    # a spot's count is MU / MU per count, at most a few million: 1e-9 histories per count
+    # gives every spot 0
     rig = local_rig(
         tmp_path / "rig",
         sim={"MQI_SIM_PUBLIC_FORK": "histories"},
-        moqui={"ParticlesPerHistory": 0.0001},
+        moqui={"ParticlesPerHistory": 1e-9},
     )
     warned = check_config(rig).stderr
-    assert "warning: moqui.ParticlesPerHistory: 0.0001 × a spot's log count below 10000" in warned
+    assert "warning: moqui.ParticlesPerHistory: 1e-09 × a spot's log count below" in warned
     _, (case, runs) = await run_case(rig, "ZERO")
     assert case.status == CaseStatus.FAILED
     assert str(case.error).startswith("zero_histories: ")
@@ -227,7 +228,7 @@ async def test_3b_an_all_zero_dose_is_a_failed_beam(tmp_path: Path) -> None:
     rig = local_rig(
         tmp_path / "rig",
         sim={"MQI_SIM_PUBLIC_FORK": "histories"},
-        moqui={"ParticlesPerHistory": 0.0001, "NormalizeTotalHistories": True},
+        moqui={"ParticlesPerHistory": 1e-9, "NormalizeTotalHistories": True},
     )
     _, (case, runs) = await run_case(rig, "EMPTY")
     beam = _beam(case)

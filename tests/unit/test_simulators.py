@@ -227,7 +227,8 @@ def test_interpreter_writes_the_csv_tree(case: WrittenCase, csv_dir: Path) -> No
     for time_ms, x_mm, y_mm, count in rows:
         float(time_ms), float(x_mm), float(y_mm)
         assert int(count) > 0
-    assert rows[0][0] == "0.06"  # numpy float32 str(): the second sample at 0.06 ms
+    # numpy float32 str(): the second sample, at G1's TIMEGAIN (the case is in room G1)
+    assert rows[0][0] == "0.0600745"
 
 
 def test_interpreter_uses_the_earliest_delivery_of_each_beam(
@@ -246,9 +247,10 @@ def test_interpreter_uses_the_earliest_delivery_of_each_beam(
         first_ptn = sorted(folders[0].glob("*.ptn"))[0]
         samples = struct.unpack(f">{first_ptn.stat().st_size // 2}H", first_ptn.read_bytes())
         row = samples[8:16]  # the second sample is the first with the beam on
+        # the case is in room G1: scv_init_G1.txt's calibration
         expected = [
-            str(np.float32((row[0] - 24580) * 0.00726)),
-            str(np.float32((row[1] - 32772) * 0.0071411)),
+            str(np.float32((row[0] - 16384) * 0.010959)),
+            str(np.float32((row[1] - 16384) * 0.0116412)),
         ]
         got = (csv_dir / "log" / name / "01_110.00MeV.csv").read_text().splitlines()[0]
         assert got.split(",")[1:3] == expected
@@ -434,8 +436,7 @@ def test_tps_env_happy_path(csv_dir: Path, tmp_path: Path, state: Path) -> None:
     assert procs(state) == []
 
     dose = np.fromfile(out / want.name, dtype="<f8").reshape(grid.shape)
-    assert np.isfinite(dose).all() and dose.min() >= 0
-    assert 0.5 < dose.max() <= 2.0
+    assert np.isfinite(dose).all() and dose.min() >= 0 and dose.max() > 0
     # smooth: neighbouring voxels differ by a fraction of the peak
     assert np.abs(np.diff(dose, axis=2)).max() < 0.5 * dose.max()
 
@@ -458,18 +459,42 @@ def test_tps_env_dose_is_deterministic_and_beam_dependent(
 def test_tps_env_without_numpy_or_pydicom_and_through_its_shebang(
     csv_dir: Path, tmp_path: Path, state: Path
 ) -> None:
-    reference, ref_out = write_tps(tmp_path / "ref", csv_dir, beam_number=3)
-    assert run(TPS_ENV, str(reference), env=clean_env(state)).returncode == 0
+    # without numpy there is no pencil-beam model: a smooth stand-in dose of the right size
     bare, bare_out = write_tps(tmp_path / "bare", csv_dir, beam_number=3)
     done = run(TPS_ENV, str(bare), env=clean_env(state, MQI_SIM_NO_PYDICOM="1"), direct=True)
     assert done.returncode == 0, done.stderr
     assert [p.name for p in bare_out.iterdir()] == ["2G180_1_Dose.raw"]
-    assert np.allclose(
-        np.fromfile(bare_out / "2G180_1_Dose.raw", "<f8"),
-        np.fromfile(ref_out / "2G180_1_Dose.raw", "<f8"),
-        rtol=1e-12,
-        atol=0,
-    )
+    dose = np.fromfile(bare_out / "2G180_1_Dose.raw", "<f8")
+    assert dose.size == phantom_grid(STATIC).nx * phantom_grid(STATIC).ny * phantom_grid(STATIC).nz
+    assert np.isfinite(dose).all() and dose.max() > 0
+
+
+def test_tps_env_dose_model_stops_at_the_range_and_spreads_with_the_spot() -> None:
+    model = load_script(TPS_ENV)
+    # one 110 MeV pencil beam from gantry 0 (travelling along +y) in a 1 mm water box
+    grid = (41, 200, 41, 1.0, 1.0, 1.0, -20.5, -100.0, -20.5)
+    dose = model.physical_dose(grid, [(110.0, [(0.0, 0.0, 1.0e6)])], 0.0)
+    assert dose.shape == (41, 200, 41)
+    axis = dose[20, :, 20]
+    depth = np.arange(200) + 0.5  # the beam enters at y = -100
+    peak = depth[int(np.argmax(axis))]
+    # the Bragg peak lies just short of the CSDA range (Bragg-Kleeman, 0.0022 E^1.77 cm)
+    assert model.proton_range_mm(110.0) - 4 <= peak <= model.proton_range_mm(110.0)
+    assert axis[int(np.argmax(axis))] > 2.5 * axis[0]  # peak to entrance
+    assert axis[depth > model.proton_range_mm(110.0) + 6].max() < 0.01 * axis.max()
+    # at the surface, the lateral profile is the spot's Gaussian (6 mm FWHM)
+    row = dose[20, 0, :]
+    x = np.arange(41) - 20.0
+    sigma = math.sqrt(float(np.sum(row * x**2) / np.sum(row)))
+    assert sigma == pytest.approx(6.0 / 2.3548, rel=0.03)
+    # twice the histories, twice the dose
+    double = model.physical_dose(grid, [(110.0, [(0.0, 0.0, 2.0e6)])], 0.0)
+    assert np.allclose(double, 2 * dose)
+    # gantry 90 turns the beam to travel along -x
+    turned = model.physical_dose((200, 41, 41, 1.0, 1.0, 1.0, -100.0, -20.5, -20.5),
+                                 [(110.0, [(0.0, 0.0, 1.0e6)])], 90.0)  # fmt: skip
+    along = turned[20, 20, :]
+    assert int(np.argmax(along)) == 199 - int(np.argmax(axis))
 
 
 def test_tps_env_two_centimeter_mode(csv_dir: Path, tmp_path: Path, state: Path) -> None:

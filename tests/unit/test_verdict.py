@@ -29,7 +29,9 @@ def test_thresholds_must_be_ordered() -> None:
 def test_worst_part_decides_and_skips_do_not_hide_failures() -> None:
     assert worst([]) is QaStatus.PENDING
     assert worst([QaStatus.SKIPPED, QaStatus.SKIPPED]) is QaStatus.SKIPPED
-    assert worst([QaStatus.PASSED, QaStatus.SKIPPED]) is QaStatus.PASSED
+    # what was not checked keeps the whole from reading passed
+    assert worst([QaStatus.PASSED, QaStatus.SKIPPED]) is QaStatus.SKIPPED
+    assert worst([QaStatus.SKIPPED, QaStatus.CONDITIONAL]) is QaStatus.CONDITIONAL
     assert worst([QaStatus.PASSED, QaStatus.CONDITIONAL]) is QaStatus.CONDITIONAL
     assert worst([QaStatus.PENDING, QaStatus.PASSED]) is QaStatus.PENDING
     assert worst([QaStatus.CONDITIONAL, QaStatus.FAILED, QaStatus.ERROR]) is QaStatus.ERROR
