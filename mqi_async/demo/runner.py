@@ -118,9 +118,7 @@ async def _run(settings: Settings, options: DemoOptions) -> int:
                 if len(finished) >= options.cases and all(
                     c.qa.status != QaStatus.PENDING for c in cases
                 ):
-                    outcome["all_completed"] = all(
-                        c.status == CaseStatus.COMPLETED for c in cases
-                    )
+                    outcome["all_completed"] = all(c.status == CaseStatus.COMPLETED for c in cases)
                     service.request_stop()
                     return
 
