@@ -18,14 +18,11 @@ from typing import Literal
 
 from mqi_async.config import QaSettings, ToolsSettings
 from mqi_async.domain.errors import (
-    FailureKind,
-    MqiError,
     PermanentError,
     TransientError,
-    failure_info,
 )
 from mqi_async.fluence_files import prepare_fluence_tree
-from mqi_async.qa.client import delivery_in_worker, delivery_request
+from mqi_async.qa.client import ask_worker, delivery_in_worker, delivery_request
 
 #: the bundled interpreter simulator, used when `tools.interpreter` is null
 BUNDLED_INTERPRETER = Path(__file__).parent / "demo" / "bin" / "mqi_interpreter"
@@ -452,18 +449,7 @@ class LocalToolRunner:
             "interp_fraction": GAMMA_INTERP_FRACTION,
             "gamma_output": str(gamma_output),
         }
-        try:
-            answer = await self._qa_worker.request(request)
-        except MqiError as exc:
-            raise TransientError("gamma_failed", f"the dose worker failed: {exc.detail}") from exc
-        if answer.get("ok") and isinstance(answer.get("result"), dict):
-            result: dict[str, object] = answer["result"]  # type: ignore[assignment]
-            return result
-        code = str(answer.get("code") or "gamma_failed")
-        detail = str(answer.get("detail") or answer)
-        if failure_info(code).kind is FailureKind.PERMANENT:
-            raise PermanentError(code, detail)
-        raise TransientError(code, detail)
+        return await ask_worker(self._qa_worker, request, failure_code="gamma_failed")
 
     async def check_delivery(
         self,

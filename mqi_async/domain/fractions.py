@@ -381,20 +381,7 @@ def resolve_case(
     _check_reference(plan, reference)
     return CaseResolution(
         beams=tuple(_reference_beams(plan, reference)),
-        deliveries=tuple(
-            DeliveryRecord(
-                path=d.path,
-                folder_name=d.folder_name,
-                delivered_at=d.delivered_at,
-                beam_number=d.beam_number,
-                treatment_index=d.treatment_index,
-                fraction_index=f.index,
-                fraction_status=f.status,
-                is_reference=f.index == reference.index,
-            )
-            for f in fractions
-            for d in f.deliveries
-        ),
+        deliveries=_records(fractions, reference.index),
         fractions=fractions,
         reference_fraction_index=reference.index,
         notes=tuple(_notes(fractions)),
@@ -420,7 +407,17 @@ def list_deliveries(
     fractions = group_fractions(
         matched, expected_beams=len(plan.beams), now=now, window=window, local_tz=local_tz
     )
-    records = tuple(
+    records = _records(fractions, reference_index=None)
+    notes = tuple(
+        f"{code}: {sentence}" for code in _PROBLEM_ORDER for sentence in problems.get(code, [])
+    )
+    return records, notes
+
+
+def _records(
+    fractions: Sequence[Fraction], reference_index: int | None
+) -> tuple[DeliveryRecord, ...]:
+    return tuple(
         DeliveryRecord(
             path=d.path,
             folder_name=d.folder_name,
@@ -429,15 +426,11 @@ def list_deliveries(
             treatment_index=d.treatment_index,
             fraction_index=f.index,
             fraction_status=f.status,
-            is_reference=False,
+            is_reference=f.index == reference_index,
         )
         for f in fractions
         for d in f.deliveries
     )
-    notes = tuple(
-        f"{code}: {sentence}" for code in _PROBLEM_ORDER for sentence in problems.get(code, [])
-    )
-    return records, notes
 
 
 def infer_beam_number(folder_name: str, plan: Plan) -> int | None:

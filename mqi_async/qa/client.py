@@ -1,4 +1,4 @@
-"""The service's side of a delivery check: the worker request as plain JSON, and its answer.
+"""The service's side of the checks in the warm worker: requests as plain JSON, and answers.
 
 Imports neither numpy nor pydicom, so the service process stays light; the worker
 (`mqi_async.qa.worker.answer_delivery_request`) does the numerics.
@@ -58,27 +58,33 @@ def delivery_request(
     return request
 
 
-async def delivery_in_worker(worker: Requester, request: Mapping[str, object]) -> dict[str, object]:
-    """Run one delivery check in `worker`; returns its summary.
+async def ask_worker(
+    worker: Requester, request: Mapping[str, object], *, failure_code: str
+) -> dict[str, object]:
+    """Send one request to a warm worker and return its `result`.
 
-    Raises PermanentError with the check's code when it cannot be computed, TransientError
-    (`delivery_check_failed`, `delivery_check_timeout`) when the worker itself failed.
+    Raises PermanentError with the worker's code when the request cannot be carried out (a
+    named dose-check code), TransientError with that code for a transient one, the worker's
+    own `*_timeout` error as it is, and `failure_code` when the worker itself failed.
     """
     try:
         answer = await worker.request(request)
     except MqiError as exc:
-        if exc.code == "delivery_check_timeout":
+        if exc.code.endswith("_timeout"):
             raise
-        raise TransientError(
-            "delivery_check_failed", f"the dose worker failed: {exc.detail}"
-        ) from exc
+        raise TransientError(failure_code, f"the dose worker failed: {exc.detail}") from exc
     if answer.get("ok"):
         result = answer.get("result")
         if not isinstance(result, dict):
-            raise TransientError("delivery_check_failed", f"no result in {answer!r}")
+            raise TransientError(failure_code, f"the worker answered no result: {answer!r}")
         return result
-    code = str(answer.get("code") or "delivery_check_failed")
+    code = str(answer.get("code") or failure_code)
     detail = str(answer.get("detail") or "")
     if failure_info(code).kind is FailureKind.PERMANENT:
         raise PermanentError(code, detail)
     raise TransientError(code, detail)
+
+
+async def delivery_in_worker(worker: Requester, request: Mapping[str, object]) -> dict[str, object]:
+    """Run one delivery check in `worker`; returns its summary (see `ask_worker`)."""
+    return await ask_worker(worker, request, failure_code="delivery_check_failed")

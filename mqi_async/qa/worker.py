@@ -15,31 +15,21 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from mqi_async.domain.delivery_log import PositionCalibration
 from mqi_async.domain.errors import (
-    FailureKind,
-    MqiError,
     PermanentError,
-    TransientError,
-    failure_info,
 )
 from mqi_async.domain.verdict import Thresholds
 from mqi_async.qa.client import DELIVERY_OP as DELIVERY_OP
+from mqi_async.qa.client import Requester, ask_worker
 from mqi_async.qa.compare import compare_files
 from mqi_async.qa.delivery import DeliveryCheckError, DeliveryOptions, check_delivery
 from mqi_async.qa.gamma import GammaInputError, GammaOptions
 
 GAMMA_OP = "gamma"
-
-
-class Requester(Protocol):
-    """What the gamma needs of a worker: one JSON-able request in, one answer out."""
-
-    async def request(self, payload: Mapping[str, object]) -> dict[str, object]: ...
 
 
 def gamma_request(
@@ -135,22 +125,8 @@ async def gamma_in_worker(
     Raises the named failure the worker answered: PermanentError for the dose-check codes,
     TransientError (`gamma_failed`) when the worker itself failed.
     """
-    try:
-        answer = await worker.request(
-            gamma_request(reference, evaluated, options, gamma_output=gamma_output)
-        )
-    except MqiError as exc:
-        raise TransientError("gamma_failed", f"the dose worker failed: {exc.detail}") from exc
-    if answer.get("ok"):
-        result = answer.get("result")
-        if not isinstance(result, dict):
-            raise TransientError("gamma_failed", f"the worker answered no result: {answer!r}")
-        return result
-    code = str(answer.get("code") or "gamma_failed")
-    detail = str(answer.get("detail") or "")
-    if failure_info(code).kind is FailureKind.PERMANENT:
-        raise PermanentError(code, detail)
-    raise TransientError(code, detail)
+    request = gamma_request(reference, evaluated, options, gamma_output=gamma_output)
+    return await ask_worker(worker, request, failure_code="gamma_failed")
 
 
 # ------------------------------------------------------------------------ delivery checks
