@@ -315,6 +315,12 @@ class DoseChecker:
         self._failures[case.case_id] = tries
         if exc.kind is FailureKind.PERMANENT or tries >= self._s.max_attempts:
             self._failures.pop(case.case_id, None)
+            judged = {c.beam_id for c in await self._store.dose_checks(case.case_id)}
+            for beam in await self._store.list_beams(case.case_id):
+                if beam.beam_id not in judged:
+                    await self._store.record_dose_check(
+                        case.case_id, beam.beam_id, status=QaStatus.ERROR, reason=str(exc)
+                    )
             await self._store.record_dose_check(
                 case.case_id, None, status=QaStatus.ERROR, reason=str(exc)
             )
