@@ -495,6 +495,8 @@ def write_config(root: Path, hosts: list[dict[str, Any]], **overrides: Any) -> P
         "retry": {"max_attempts": 3, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 1},
         "moqui": {**defaults, **SMALL_PHANTOM},
         "logging": {"directory": "logs", "level": "DEBUG"},
+        # one job per beam, so slot and job counts mean what the tests say
+        "qa": {"reference": "none"},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

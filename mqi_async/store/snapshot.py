@@ -53,7 +53,7 @@ class BeamSnapshot:
             "progress": self.progress,
             "outputs": list(self.outputs),
             "error": self.error,
-            "qa": self.qa.as_status() if self.qa is not None else _PENDING_QA,
+            "qa": self.qa.as_status() if self.qa is not None else dict(_PENDING_QA),
         }
 
 

@@ -21,6 +21,7 @@ from mqi_async.config import (
     GpuSettings,
     IngestSettings,
     LoggingSettings,
+    QaSettings,
     RetrySettings,
     RunsSettings,
     Settings,
@@ -72,6 +73,7 @@ def service_settings(root: Path) -> Settings:
         retry=RetrySettings(max_attempts=2, backoff_initial_seconds=0.2, backoff_max_seconds=1),
         moqui={**default_moqui(), **SMALL_PHANTOM},
         logging=LoggingSettings(directory=root / "logs"),
+        qa=QaSettings(reference="none"),
         config_dir=root,
     )
 

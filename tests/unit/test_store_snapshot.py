@@ -11,8 +11,17 @@ from mqi_async.domain.model import BeamStatus, CaseStatus
 from mqi_async.store import NewBeam, NewCase, Store, read_status_snapshot, status_document
 
 CASE_KEYS = [
-    "case_id", "room", "status", "progress", "error", "case_path", "beams", "deliveries"
+    "case_id", "room", "status", "progress", "error", "case_path", "beams", "qa", "deliveries"
 ]  # fmt: skip
+PENDING_QA = {
+    "status": "pending",
+    "pass_rate_percent": None,
+    "gamma_mean": None,
+    "gamma_max": None,
+    "evaluated_points": None,
+    "reason": None,
+    "report": None,
+}
 BEAM_KEYS = [
     "beam_id",
     "beam_number",
@@ -23,6 +32,7 @@ BEAM_KEYS = [
     "progress",
     "outputs",
     "error",
+    "qa",
 ]
 
 
@@ -60,6 +70,7 @@ async def test_snapshot_has_the_contract_shape(tmp_path: Path) -> None:
         "progress": 0,
         "error": None,
         "case_path": "/abs/study",
+        "qa": PENDING_QA,
         "deliveries": [],
     }
     assert first["beams"][0] == {
@@ -72,6 +83,7 @@ async def test_snapshot_has_the_contract_shape(tmp_path: Path) -> None:
         "progress": 100,
         "outputs": ["/abs/work/dose/b1.dcm"],
         "error": None,
+        "qa": PENDING_QA,
     }
     assert first["beams"][1]["beam_number"] == 4
     assert second["case_id"] == "later" and second["beams"] == []
