@@ -11,8 +11,11 @@ beam, and the GPU time (the sum of MOQUI run times) planned runs take with and w
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +47,9 @@ def _settings(root: Path, reference: str) -> Settings:
 
 
 def _spec(i: int) -> CaseSpec:
-    return CaseSpec(case_id=f"BENCH{i:02d}", beams=BEAMS, layers_per_beam=4, room="G2", seed=i)
+    return CaseSpec(
+        case_id=f"BENCH{i:02d}", beams=BEAMS, layers_per_beam=4, room="G2", nested=False, seed=i
+    )
 
 
 async def _run(settings: Settings, place: Callable[[Path], None]) -> dict[str, float]:
@@ -98,10 +103,43 @@ def _copies(scan: Path) -> None:
         target.with_name(target.name + ".extracting").rename(target)
 
 
+SCENARIOS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "off": ("none", _cases),
+    "on": ("planned_mc", _cases),
+    "reused": ("planned_mc", _copies),
+}
+
+
+def measure(root: Path, scenario: str) -> dict[str, float]:
+    """One scenario with its own service (one per process: a service owns signal handlers)."""
+    reference, place = SCENARIOS[scenario]
+    return asyncio.run(_run(_settings(root / scenario, reference), place))
+
+
+def _child(root: Path, scenario: str) -> dict[str, float]:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys; from pathlib import Path;"
+            " from tests.bench.test_bench_dose_checks import measure;"
+            " print(json.dumps(measure(Path(sys.argv[1]), sys.argv[2])))",
+            str(root),
+            scenario,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
 def test_what_the_dose_checks_cost(tmp_path: Path, report: Report) -> None:
-    off = asyncio.run(_run(_settings(tmp_path / "off", "none"), _cases))
-    on = asyncio.run(_run(_settings(tmp_path / "on", "planned_mc"), _cases))
-    reused = asyncio.run(_run(_settings(tmp_path / "reuse", "planned_mc"), _copies))
+    figures = {name: _child(tmp_path, name) for name in SCENARIOS}
+    off, on, reused = figures["off"], figures["on"], figures["reused"]
     beams = CASES * BEAMS
     report("dose_check_wall_without_checks", off["wall_s"], "s", f"{CASES} cases x {BEAMS} beams")
     report("dose_check_wall_with_planned_runs", on["wall_s"], "s", "same cases, planned_mc")
