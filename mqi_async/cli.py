@@ -200,7 +200,11 @@ def _status_table(cases: list[dict[str, Any]]) -> str:
             f"{c['progress']:>3}%  {done}/{len(beams):<4} {c['error'] or ''}"
         )
         if "qa" in c:
-            lines.append(f"  verdict: {_qa_text(c['qa'])} (plan sum, beams and deliveries)")
+            qa = c["qa"]
+            rate = qa.get("pass_rate_percent")
+            plan_sum = f"; plan sum gamma {rate:g} %" if rate is not None else ""
+            reason = f" ({qa['reason']})" if qa.get("reason") else ""
+            lines.append(f"  verdict: {qa['status']}{reason}{plan_sum}")
         for b in beams:
             gpus = ",".join(b["gpus"]) if b["gpus"] else "-"
             qa = f" qa={_qa_text(b['qa'])}" if "qa" in b else ""

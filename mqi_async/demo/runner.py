@@ -68,7 +68,9 @@ _DEMO_ERRORS: dict[int, tuple[DeliveryError, ...]] = {
     1: (),
     2: (DeliveryError(kind=DeliveryErrorKind.SHIFT, layer=2, value=3.0, beam=1, fraction=2),),
     3: (DeliveryError(kind=DeliveryErrorKind.MISSING_LAYER, layer=3, beam=2, fraction=1),),
-    0: (DeliveryError(kind=DeliveryErrorKind.METERSET, layer=None, value=5.0, beam=1),),
+    0: (
+        DeliveryError(kind=DeliveryErrorKind.METERSET, layer=None, value=15.0, beam=1, fraction=1),
+    ),
 }
 
 
