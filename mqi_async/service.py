@@ -30,7 +30,7 @@ from mqi_async.domain.retention import RetentionPolicy
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.domain.verdict import Thresholds
 from mqi_async.engine.cases import CaseSettings
-from mqi_async.engine.deliveries import DeliveryCheckSettings
+from mqi_async.engine.deliveries import DeliveryCheckerSettings
 from mqi_async.engine.dose_checks import DoseCheckSettings
 from mqi_async.engine.engine import Engine, EngineSettings
 from mqi_async.engine.ports import Host
@@ -154,7 +154,7 @@ def engine_settings(
             backoff_initial_s=settings.retry.backoff_initial_seconds,
             backoff_max_s=settings.retry.backoff_max_seconds,
         ),
-        deliveries=DeliveryCheckSettings(
+        deliveries=DeliveryCheckerSettings(
             enabled=settings.qa.delivery.enabled,
             work_directory=settings.work_directory,
             max_attempts=settings.retry.max_attempts,

@@ -22,7 +22,7 @@ from mqi_async.domain.errors import (
     TransientError,
 )
 from mqi_async.fluence_files import prepare_fluence_tree
-from mqi_async.qa.client import ask_worker, delivery_in_worker, delivery_request
+from mqi_async.qa.client import GAMMA_OP, ask_worker, delivery_in_worker, delivery_request
 
 #: the bundled interpreter simulator, used when `tools.interpreter` is null
 BUNDLED_INTERPRETER = Path(__file__).parent / "demo" / "bin" / "mqi_interpreter"
@@ -268,8 +268,6 @@ class DoseWorker:
 DELIVERY_MAX_GAMMA = 2.0
 #: the dose gamma's search step is the distance criterion / this (PyMedPhys's interp_fraction)
 GAMMA_INTERP_FRACTION = 10
-#: the worker's name for a gamma request (mqi_async.qa.worker.GAMMA_OP)
-GAMMA_OP = "gamma"
 
 
 def _write_plan_inputs(

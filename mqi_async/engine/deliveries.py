@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DeliveryCheckSettings:
+class DeliveryCheckerSettings:
     enabled: bool
     work_directory: Path
     max_attempts: int = 3
@@ -44,7 +44,9 @@ def detail_path(work_directory: Path, item: DeliveryToCheck) -> Path:
 class DeliveryChecker:
     """Runs the pending delivery checks; `wake()` when new deliveries were recorded."""
 
-    def __init__(self, *, store: Store, tools: LocalTools, settings: DeliveryCheckSettings) -> None:
+    def __init__(
+        self, *, store: Store, tools: LocalTools, settings: DeliveryCheckerSettings
+    ) -> None:
         self._store = store
         self._tools = tools
         self._s = settings

@@ -15,7 +15,7 @@ from mqi_async.domain.model import BeamStatus, CaseStatus, RunStatus
 from mqi_async.domain.records import BeamRow, CaseRow, CommandStatus, NewCase, RunRow
 from mqi_async.domain.scheduling import GpuPolicy
 from mqi_async.engine.cases import CaseSettings, CaseWorkflow
-from mqi_async.engine.deliveries import DeliveryChecker, DeliveryCheckSettings
+from mqi_async.engine.deliveries import DeliveryChecker, DeliveryCheckerSettings
 from mqi_async.engine.dose_checks import DoseChecker, DoseCheckSettings
 from mqi_async.engine.pollers import GpuPoller, JobMonitor
 from mqi_async.engine.ports import CaseSource, Clock, Host, LocalTools, Store
@@ -45,7 +45,7 @@ class EngineSettings:
     gpu_poll_s: float
     run_poll_s: float
     max_jobs: Mapping[str, int]
-    deliveries: DeliveryCheckSettings
+    deliveries: DeliveryCheckerSettings
     dose_checks: DoseCheckSettings
     dispatch_interval_s: float = 1.0
 

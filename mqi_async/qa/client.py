@@ -19,6 +19,7 @@ from mqi_async.domain.errors import (
 )
 
 DELIVERY_OP = "delivery_check"
+GAMMA_OP = "gamma"
 
 
 class Requester(Protocol):

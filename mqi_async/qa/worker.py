@@ -24,12 +24,11 @@ from mqi_async.domain.errors import (
 )
 from mqi_async.domain.verdict import Thresholds
 from mqi_async.qa.client import DELIVERY_OP as DELIVERY_OP
+from mqi_async.qa.client import GAMMA_OP as GAMMA_OP
 from mqi_async.qa.client import Requester, ask_worker
 from mqi_async.qa.compare import compare_files
 from mqi_async.qa.delivery import DeliveryCheckError, DeliveryOptions, check_delivery
 from mqi_async.qa.gamma import GammaInputError, GammaOptions
-
-GAMMA_OP = "gamma"
 
 
 def gamma_request(

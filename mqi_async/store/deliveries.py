@@ -103,12 +103,6 @@ class Deliveries:
         )
         return {r["delivery_id"] for r in rows}
 
-    async def get(self, delivery_id: str) -> DeliveryRow | None:
-        rows = await self._s.rows(
-            f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE delivery_id = ?", (delivery_id,)
-        )
-        return delivery_from_row(rows[0]) if rows else None
-
     async def to_check(self, limit: int) -> list[DeliveryToCheck]:
         """Pending deliveries of cases with a plan that were not cancelled, oldest first."""
         columns = ", ".join(f"d.{c.strip()}" for c in DELIVERY_COLUMNS.split(","))

@@ -19,7 +19,7 @@ from mqi_async.demo.cases import CaseSpec, WrittenCase, write_case
 from mqi_async.domain.errors import PermanentError, TransientError
 from mqi_async.domain.records import NewCase, NewDelivery
 from mqi_async.domain.verdict import QaStatus
-from mqi_async.engine.deliveries import DeliveryChecker, DeliveryCheckSettings
+from mqi_async.engine.deliveries import DeliveryChecker, DeliveryCheckerSettings
 from mqi_async.store import Store
 from mqi_async.tools import DoseWorker, LocalToolRunner, Tools
 
@@ -107,7 +107,7 @@ async def test_a_check_past_its_timeout_is_stopped_retried_then_named(tmp_path: 
             ],
             plan_path=str(case.rtplan_path),
         )
-        settings = DeliveryCheckSettings(
+        settings = DeliveryCheckerSettings(
             enabled=True,
             work_directory=tmp_path / "work",
             max_attempts=2,
