@@ -63,10 +63,21 @@ def _parser() -> argparse.ArgumentParser:
     with_config(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    for name, what in (("retry", "retry a case"), ("cancel", "cancel a case")):
+    for name, what in (
+        ("retry", "retry a case"),
+        ("cancel", "cancel a case"),
+        ("recheck", "run a case's dose and delivery checks again (and rebuild its report)"),
+    ):
         sp = sub.add_parser(name, help=f"ask the running (or next) service to {what}")
         sp.add_argument("case_id", metavar="CASE_ID")
         with_config(sp)
+
+    report = sub.add_parser(
+        "report", help="(re)build a case's report (PDF and HTML) and print their paths"
+    )
+    report.add_argument("case_id", metavar="CASE_ID")
+    with_config(report)
+    report.add_argument("--json", action="store_true", help="one JSON line: paths and verdict")
 
     check = sub.add_parser("check-config", help="validate the config; print it, secrets masked")
     with_config(check)
@@ -293,6 +304,25 @@ async def _request(settings: Settings, kind: str, case_id: str) -> int:
     return EXIT_OK
 
 
+async def _report(settings: Settings, case_id: str, as_json: bool) -> int:
+    from mqi_async.report.build import build_report
+    from mqi_async.report.model import report_settings
+    from mqi_async.store.files import is_missing_or_empty
+
+    if await asyncio.to_thread(is_missing_or_empty, settings.database):
+        _err(
+            f"unknown_case: no database at {settings.database} yet; `mqi-async status` lists the cases"
+        )
+        return EXIT_FAILURE
+    built = await build_report(report_settings(settings, case_id))
+    if as_json:
+        print(json.dumps(built.to_json()))
+    else:
+        print(built.pdf)
+        print(built.html)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
@@ -322,7 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "status":
             return asyncio.run(_status(settings, args.json))
-        if args.command in ("retry", "cancel"):
+        if args.command == "report":
+            return asyncio.run(_report(settings, args.case_id, args.json))
+        if args.command in ("retry", "cancel", "recheck"):
             return asyncio.run(_request(settings, args.command, args.case_id))
         if args.command == "run":
             from mqi_async.service import run_service

@@ -315,6 +315,89 @@ class QaSettings(_Section):
         return self
 
 
+class NotifyRateLimitSettings(_Section):
+    """At most `max_messages` per `per_minutes` on each channel; the rest in one digest."""
+
+    max_messages: Annotated[int, Field(ge=1)] = 10
+    per_minutes: Annotated[float, Field(gt=0)] = 60
+
+
+class WebhookSettings(_Section):
+    """A JSON POST per message (Slack, Mattermost and Teams show its `text`)."""
+
+    #: a secret: incoming-webhook URLs carry their token (masked by check-config)
+    url: SecretStr
+    timeout_seconds: PositiveSeconds = 10
+    #: extra request headers, e.g. Authorization (masked by check-config)
+    headers: dict[str, SecretStr] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+MailAddress = Annotated[str, Field(pattern=r"^[^\s@<>,]+@[^\s@<>,]+$")]
+
+
+class EmailSettings(_Section):
+    """SMTP with STARTTLS; the certificate is verified against the system's CAs (or ca_file)."""
+
+    host: Annotated[str, Field(min_length=1)]
+    port: Port = 587
+    #: false only for a relay on this machine: without it nothing is encrypted
+    starttls: bool = True
+    username: str | None = None
+    password: SecretStr | None = None
+    sender: MailAddress
+    recipients: Annotated[list[MailAddress], Field(min_length=1)]
+    timeout_seconds: PositiveSeconds = 30
+    #: a CA certificate (PEM, absolute path) to trust besides the system's, e.g. a hospital CA
+    ca_file: Path | None = None
+
+    @field_validator("ca_file")
+    @classmethod
+    def _absolute_ca(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.expanduser().is_absolute():
+            raise ValueError("must be an absolute path")
+        return v.expanduser() if v is not None else None
+
+    @model_validator(mode="after")
+    def _login_needs_tls(self) -> EmailSettings:
+        if self.username is not None and not self.starttls:
+            raise ValueError("a username (login) needs starttls: true")
+        return self
+
+
+class NotifySettings(_Section):
+    """Notices to people: failed cases, conditional or failed checks, long host pauses and
+    unexpected stops; never patient names (README "Notifications")."""
+
+    enabled: bool = False
+    #: how often the store is read for changes
+    poll_seconds: PositiveSeconds = 5
+    #: a host paused this long is announced (once per pause)
+    host_paused_minutes: Annotated[float, Field(ge=0)] = 15
+    #: false: a case is named by its case key only (case ids are patient ids here)
+    include_patient_id: bool = False
+    rate_limit: NotifyRateLimitSettings = NotifyRateLimitSettings()
+    #: tries after the first failed one, per message and channel
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+    retry_backoff_seconds: PositiveSeconds = 5
+    #: notices waiting per channel; beyond it the oldest are folded into the next digest
+    queue_size: Annotated[int, Field(ge=1, le=10_000)] = 100
+    webhook: WebhookSettings | None = None
+    email: EmailSettings | None = None
+
+    @model_validator(mode="after")
+    def _a_channel(self) -> NotifySettings:
+        if self.enabled and self.webhook is None and self.email is None:
+            raise ValueError("enabled needs a webhook or an email section")
+        return self
+
+
 def default_moqui() -> dict[str, str | int | float | bool]:
     return {
         "RandomSeed": -1932780356,
@@ -374,6 +457,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     retention: RetentionSettings = RetentionSettings()
     qa: QaSettings = QaSettings()
+    notify: NotifySettings = NotifySettings()
 
     #: folder of the config file; relative paths were resolved against it
     config_dir: Path = Field(default=Path("."), exclude=True)

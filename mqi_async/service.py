@@ -34,12 +34,15 @@ from mqi_async.engine.deliveries import DeliveryCheckerSettings
 from mqi_async.engine.dose_checks import DoseCheckSettings
 from mqi_async.engine.engine import Engine, EngineSettings
 from mqi_async.engine.ports import Host
+from mqi_async.engine.reports import ReportWriterSettings
 from mqi_async.engine.retention import RetentionSettings, RetentionSweeper
 from mqi_async.engine.workflow import WorkflowSettings
 from mqi_async.folders import make_private_dirs
 from mqi_async.ingest.reader import FoundCase
 from mqi_async.ingest.watcher import CaseWatcher
 from mqi_async.log import JsonFormatter, configure_logging, learn_patient_ids, remove_handlers
+from mqi_async.notify import Notifier, RunningMarker, build_notifier
+from mqi_async.report.model import report_settings
 from mqi_async.store import Store
 from mqi_async.store.secret import load_or_create_secret
 from mqi_async.tools import DoseWorker, LocalToolRunner, Tools
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: graceful stop must end well inside systemd's TimeoutStopSec and the 10 s contract
 STOP_GRACE_S = 8.0
+#: the longest a stopping service waits for its last notifications (clean stop, fatal error)
+NOTIFY_FLUSH_S = 3.0
 
 
 class SystemClock:
@@ -161,6 +166,13 @@ def engine_settings(
             backoff_initial_s=settings.retry.backoff_initial_seconds,
             backoff_max_s=settings.retry.backoff_max_seconds,
         ),
+        reports=(
+            ReportWriterSettings(
+                work_directory=settings.work_directory, max_attempts=settings.retry.max_attempts
+            )
+            if settings.qa.report
+            else None
+        ),
         gpu_policies=policies,
         gpu_poll_s=settings.gpu.poll_seconds,
         run_poll_s=settings.runs.poll_seconds,
@@ -181,6 +193,7 @@ class Service:
     state: str = "starting"
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     retention: RetentionSweeper | None = None
+    notifier: Notifier | None = None
 
     def request_stop(self) -> None:
         self.state = "stopping"
@@ -209,6 +222,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
     hosts: dict[str, Host] = {}
     dose_worker: DoseWorker | None = None
     qa_worker: DoseWorker | None = None
+    notifier: Notifier | None = None
     try:
         hosts = build_hosts(settings, settings.work_directory)
         dose_worker = DoseWorker(timeout_s=settings.tools.raw_to_dicom_timeout_seconds)
@@ -224,6 +238,11 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             dose_worker,
             qa_worker=qa_worker,
             qa=settings.qa,
+            report_base=report_settings(
+                settings,
+                "",
+                {name: " ".join(host.moqui_command) for name, host in hosts.items()},
+            ).to_json(),
         )
         problems = tools.check()
         for p in problems:
@@ -260,6 +279,11 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             case_key=lambda case: case_key(secret, case.case_id),
         )
 
+        if settings.notify.enabled:
+            notifier = build_notifier(
+                settings.notify, store=store, secret=secret, service_name=socket.gethostname()
+            )
+
         # ids the redactor (logging.redact_patient_ids) must know before they are logged
         learn_patient_ids(*(i for c in await store.list_cases() for i in (c.case_id, c.patient_id)))
 
@@ -294,8 +318,11 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             hosts=hosts,
             started_at=datetime.now(UTC),
             retention=retention,
+            notifier=notifier,
         )
     finally:
+        if notifier is not None:
+            await notifier.aclose()
         for worker in (dose_worker, qa_worker):
             if worker is not None:
                 await worker.aclose()
@@ -313,6 +340,7 @@ async def run_until_stopped(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+    marker = _mark_running(service)
     try:
         await _start_hosts(service.hosts)
         async with asyncio.TaskGroup() as tg:
@@ -322,6 +350,11 @@ async def run_until_stopped(
             retention_task = (
                 tg.create_task(_supervised("retention", service.retention.run))
                 if service.retention is not None
+                else None
+            )
+            notifier_task = (
+                tg.create_task(_supervised("notifier", service.notifier.run))
+                if service.notifier is not None
                 else None
             )
             service.state = "running"
@@ -334,12 +367,40 @@ async def run_until_stopped(
             log.info(
                 "stopping: intake closed, remote runs continue and are re-attached at the next start"
             )
-            for task in (watcher_task, engine_task, ui_task, retention_task):
+            for task in (watcher_task, engine_task, ui_task, retention_task, notifier_task):
                 if task is not None:
                     task.cancel()
+    except Exception as exc:
+        if service.notifier is not None:
+            service.notifier.fatal_error(exc)
+            # told now, so the next start need not tell again; if not, the marker stays
+            if await service.notifier.flush(NOTIFY_FLUSH_S) and marker is not None:
+                marker.remove()
+        raise
+    else:
+        if service.notifier is not None and service.notifier.has_pending():
+            await service.notifier.flush(NOTIFY_FLUSH_S)
+        if marker is not None:
+            marker.remove()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def _mark_running(service: Service) -> RunningMarker | None:
+    """With notifications on: tell about a last run that did not stop cleanly (its marker is
+    still there), then mark this one as running."""
+    if service.notifier is None:
+        return None
+    marker = RunningMarker(service.settings.database)
+    if marker.was_left():
+        service.notifier.unexpected_stop()
+    try:
+        marker.write()
+    except OSError as exc:
+        log.warning("cannot write %s: %s; an unexpected stop goes untold", marker.path, exc)
+        return None
+    return marker
 
 
 async def _supervised(what: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:

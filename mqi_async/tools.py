@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
+from mqi_async.check_criteria import delivery_calibration, delivery_criteria, room_key
 from mqi_async.config import QaSettings, ToolsSettings
 from mqi_async.domain.errors import (
     PermanentError,
@@ -264,8 +264,6 @@ class DoseWorker:
             await _kill_group(proc)
 
 
-#: the delivery gamma's cap: a gamma above it is reported as it (and the search stops there)
-DELIVERY_MAX_GAMMA = 2.0
 #: the dose gamma's search step is the distance criterion / this (PyMedPhys's interp_fraction)
 GAMMA_INTERP_FRACTION = 10
 
@@ -307,6 +305,8 @@ class LocalToolRunner:
         *,
         qa_worker: DoseWorker | None = None,
         qa: QaSettings | None = None,
+        report_base: Mapping[str, object] | None = None,
+        report_timeout_s: float = 600.0,
     ) -> None:
         self._tools = tools
         self._s = settings
@@ -316,6 +316,9 @@ class LocalToolRunner:
         # checks get their own worker, so a long check never holds up a beam's conversion
         self._qa_worker = qa_worker or dose_worker
         self._qa = qa or QaSettings()
+        #: the report process's settings but the case (report.model.ReportSettings as JSON)
+        self._report_base = dict(report_base or {})
+        self._report_timeout_s = report_timeout_s
 
     def check(self) -> list[str]:
         return self._tools.check()
@@ -418,7 +421,7 @@ class LocalToolRunner:
         self, *, plan: Path, csv_dir: Path, beams: Sequence[tuple[int, str]], room: str | None
     ) -> None:
         """The planned run's inputs: plan/ and log/ (the plan's spots as fluence CSVs)."""
-        key: Literal["G1", "G2"] = "G1" if room == "G1" else "G2"
+        key = room_key(room)
         d = self._qa.delivery
         await asyncio.to_thread(
             _write_plan_inputs,
@@ -461,30 +464,57 @@ class LocalToolRunner:
         """One delivery check in the QA worker (`mqi_async.qa.delivery`)."""
         if not await asyncio.to_thread(folder.is_dir):
             raise PermanentError("delivery_folder_missing", f"{folder} is gone")
-        d = self._qa.delivery
-        key: Literal["G1", "G2"] = "G1" if room == "G1" else "G2"
         request = delivery_request(
             folder=folder,
             plan=plan,
             beam_number=beam_number,
-            room=key,
-            criteria={
-                "dose_percent": self._qa.delivery_gamma.dose_percent,
-                "distance_mm": self._qa.delivery_gamma.distance_mm,
-                "cutoff_percent": self._qa.delivery_gamma.cutoff_percent,
-                "max_gamma": DELIVERY_MAX_GAMMA,
-                "pass_percent": self._qa.pass_percent,
-                "conditional_percent": self._qa.conditional_percent,
-                "mu_per_count": d.mu_per_count[key],
-                "grid_mm": d.grid_mm,
-                "default_spot_fwhm_mm": d.default_spot_fwhm_mm,
-                "position_tolerance_mm": d.position_tolerance_mm,
-                "meterset_tolerance_percent": d.meterset_tolerance_percent,
-            },
-            calibration=d.calibration[key].model_dump(),
+            room=room_key(room),
+            criteria=delivery_criteria(self._qa, room),
+            calibration=delivery_calibration(self._qa, room),
             detail_output=detail_output,
         )
         return await delivery_in_worker(self._qa_worker, request)
+
+    async def build_report(self, *, case_id: str, log_dir: Path) -> dict[str, object]:
+        """The case report, written by its own process (`python -m mqi_async.report`), so
+        plotting never runs on the loop; returns its paths and verdict.
+
+        Raises:
+            PermanentError: `unknown_case`, `internal_error`.
+            TransientError: `report_failed` (the process failed), `report_timeout`.
+        """
+        request_file = log_dir / "report_request.json"
+        document = {**self._report_base, "case_id": case_id}
+        await asyncio.to_thread(_write_private_json, request_file, document)
+        result = await self._tools.run(
+            [sys.executable, "-m", "mqi_async.report", "--request", str(request_file)],
+            log_path=log_dir / "report.log",
+            timeout_s=self._report_timeout_s,
+        )
+        if result.timed_out:
+            raise TransientError(
+                "report_timeout",
+                f"stopped after {self._report_timeout_s:g} s; see {result.log_path}",
+            )
+        answer = await _read_answer(result)
+        if result.ok and answer is not None and answer.get("ok"):
+            return answer
+        if answer is not None and answer.get("code") in ("unknown_case", "internal_error"):
+            raise PermanentError(str(answer["code"]), str(answer.get("detail") or ""))
+        detail = (answer or {}).get("detail") or await asyncio.to_thread(result.last_line)
+        raise TransientError(
+            "report_failed", f"exit {result.exit_code}: {detail} (log {result.log_path})"
+        )
+
+
+async def _read_answer(result: ToolResult) -> dict[str, object] | None:
+    """The JSON line a tool printed last, if it printed one."""
+    line = await asyncio.to_thread(result.last_line)
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 def _start_ticks(pid: int) -> str | None:
@@ -534,6 +564,13 @@ def kill_recorded_group(pid_file: Path) -> bool:
                 time.sleep(0.02)
     pid_file.unlink(missing_ok=True)
     return killed
+
+
+def _write_private_json(path: Path, document: Mapping[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(document, fh)
 
 
 def _fresh_dir(path: Path) -> None:

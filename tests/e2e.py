@@ -143,7 +143,7 @@ def make_rig(
         "logging": {"directory": "logs", "level": "DEBUG"},
         # one MOQUI run per beam, so launch counts mean what these tests say; the dose-check
         # tests ask for planned_mc (a second run per beam) themselves
-        "qa": {"reference": "none"},
+        "qa": {"reference": "none", "report": False},
     }
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

@@ -496,7 +496,7 @@ def write_config(root: Path, hosts: list[dict[str, Any]], **overrides: Any) -> P
         "moqui": {**defaults, **SMALL_PHANTOM},
         "logging": {"directory": "logs", "level": "DEBUG"},
         # one job per beam, so slot and job counts mean what the tests say
-        "qa": {"reference": "none"},
+        "qa": {"reference": "none", "report": False},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

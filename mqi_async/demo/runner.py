@@ -114,12 +114,16 @@ async def _run(settings: Settings, options: DemoOptions) -> int:
                 return
             while True:
                 await asyncio.sleep(0.5)
-                # done when every case finished and every check has its verdict
+                # done when every case finished, every check has its verdict and every
+                # report is written
                 cases = await service.store.snapshot()
                 finished = [c for c in cases if c.status.is_terminal]
                 if len(finished) >= options.cases and all(
-                    c.qa.status != QaStatus.PENDING for c in cases
+                    c.qa.status != QaStatus.PENDING and (c.report or not settings.qa.report)
+                    for c in cases
                 ):
+                    for c in cases:
+                        log.info("demo: case %s: %s; report %s", c.case_id, c.qa.status, c.report)
                     outcome["all_completed"] = all(c.status == CaseStatus.COMPLETED for c in cases)
                     service.request_stop()
                     return

@@ -292,6 +292,22 @@ FAILURES: dict[str, FailureInfo] = {
         "for the plan; compare the beams one by one.",
     ),
     "dose_check_off": FailureInfo(_P, "Dose checks are switched off (qa.reference: none)."),
+    "unknown_case": FailureInfo(
+        _P, "No treatment case has this ID; `mqi-async status` lists the cases."
+    ),
+    "report_failed": FailureInfo(
+        _T,
+        "The case report could not be written; it is tried again. The service log names the "
+        "cause; `mqi-async report CASE_ID` rebuilds it by hand.",
+    ),
+    "report_timeout": FailureInfo(
+        _T, "Writing the case report took too long and was stopped; it is tried again."
+    ),
+    "report_dose_missing": FailureInfo(
+        _P,
+        "A dose file the report draws is gone (cleaned up, or moved); the report names the "
+        "numbers without that picture.",
+    ),
     "dose_check_not_run": FailureInfo(
         _P,
         "This case finished before dose checks existed; `mqi-async retry` on a failed case "
@@ -357,6 +373,46 @@ FAILURES: dict[str, FailureInfo] = {
     ),
     "delivery_check_off": FailureInfo(
         _P, "Delivery checks are switched off (qa.delivery.enabled: false)."
+    ),
+    # notifications (notify:): what a notice names; their kind is never used to retry
+    "case_failed": FailureInfo(
+        _P, "A case failed; its code says why. Fix the cause, then `mqi-async retry` the case."
+    ),
+    "check_conditional": FailureInfo(
+        _P,
+        "A dose or delivery check is conditional: a physicist should review the case's "
+        "verdicts (`mqi-async status`) before the next fraction.",
+    ),
+    "check_failed": FailureInfo(
+        _P,
+        "A dose or delivery check failed its criteria: a physicist must review the case "
+        "(`mqi-async status`) before the next fraction.",
+    ),
+    "host_paused_long": FailureInfo(
+        _H,
+        "A GPU host has been paused longer than notify.host_paused_minutes; its error says "
+        "why. Fix the host or the config; its beams resume by themselves once it answers.",
+    ),
+    "host_resumed": FailureInfo(_H, "The host answers again and its beams resume; nothing to do."),
+    "service_unexpected_stop": FailureInfo(
+        _P,
+        "The service was killed, crashed or lost power without a clean stop; read its log "
+        "and the system journal. Runs in flight are re-attached, nothing else to do.",
+    ),
+    "service_fatal_error": FailureInfo(
+        _P,
+        "The service is stopping on a fatal error; its log holds the traceback. systemd "
+        "restarts it; if it stops again, report the traceback.",
+    ),
+    "notices_folded": FailureInfo(
+        _P,
+        "More notices came than notify.rate_limit lets through; run `mqi-async status` "
+        "for the whole picture.",
+    ),
+    "notify_delivery_failed": FailureInfo(
+        _T,
+        "A notification could not be delivered after its retries; check notify.webhook / "
+        "notify.email and that the receiver is up.",
     ),
 }
 

@@ -67,6 +67,8 @@ class CommandKind(StrEnum):
     CANCEL = "cancel"
     #: payload {"priority": int}
     PRIORITY = "priority"
+    #: the case's dose and delivery checks are run again, and its report rebuilt
+    RECHECK = "recheck"
 
 
 class CommandStatus(StrEnum):
@@ -312,3 +314,18 @@ class TpsDoseFiles:
 
     beams: Mapping[int, str]
     plan: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportRow:
+    """The case report last built (or the failure of the last try) and the verdicts it shows."""
+
+    case_id: str
+    pdf: str | None
+    html: str | None
+    #: the case verdict printed on it
+    verdict: str | None
+    #: `code: sentence` when the last build failed
+    error: str | None
+    attempts: int
+    built_at: datetime

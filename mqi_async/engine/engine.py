@@ -19,6 +19,7 @@ from mqi_async.engine.deliveries import DeliveryChecker, DeliveryCheckerSettings
 from mqi_async.engine.dose_checks import DoseChecker, DoseCheckSettings
 from mqi_async.engine.pollers import GpuPoller, JobMonitor
 from mqi_async.engine.ports import CaseSource, Clock, Host, LocalTools, Store
+from mqi_async.engine.reports import ReportWriter, ReportWriterSettings
 from mqi_async.engine.scheduler import GpuScheduler
 from mqi_async.engine.workflow import BeamWorkflow, InputUploads, WorkflowSettings
 
@@ -47,6 +48,8 @@ class EngineSettings:
     max_jobs: Mapping[str, int]
     deliveries: DeliveryCheckerSettings
     dose_checks: DoseCheckSettings
+    #: None: no case reports (qa.report false)
+    reports: ReportWriterSettings | None = None
     dispatch_interval_s: float = 1.0
 
 
@@ -116,6 +119,11 @@ class Engine:
             settings=settings.dose_checks,
             on_planned_case=lambda _case_id: self.wake(),
         )
+        self.reports = (
+            ReportWriter(store=store, tools=tools, settings=settings.reports)
+            if settings.reports is not None
+            else None
+        )
         self.cases = CaseWorkflow(
             store=store,
             source=source,
@@ -174,6 +182,8 @@ class Engine:
             tg.create_task(self._supervise("scheduler", self.scheduler.run))
             tg.create_task(self._supervise("delivery checks", self.deliveries.run))
             tg.create_task(self._supervise("dose checks", self.dose_checks.run))
+            if self.reports is not None:
+                tg.create_task(self._supervise("reports", self.reports.run))
             tg.create_task(self._supervise("commands", self._command_loop))
             self.ready.set()
             await self._dispatch_loop()
@@ -404,7 +414,7 @@ class Engine:
     async def apply(
         self, kind: str, case_id: str, payload: Mapping[str, object] | None = None
     ) -> str:
-        """Carry out an operator request: retry, cancel or priority."""
+        """Carry out an operator request: retry, cancel, priority or recheck."""
         case = await self._store.get_case(case_id)
         if case is None:
             raise MqiError("internal_error", f"unknown case {case_id}")
@@ -412,6 +422,8 @@ class Engine:
             return await self._cancel(case_id)
         if kind == "retry":
             return await self._retry(case_id)
+        if kind == "recheck":
+            return await self._recheck(case_id)
         if kind == "priority":
             # the value the operator asked for (dashboard dialog), else one step up
             value = (payload or {}).get("priority")
@@ -420,6 +432,21 @@ class Engine:
             self.scheduler.wake()
             return f"priority of {case_id} is now {priority}"
         raise MqiError("internal_error", f"unknown command {kind}")
+
+    async def _recheck(self, case_id: str) -> str:
+        """The case's delivery and dose checks run again (the MC doses are kept); the report
+        follows their new verdicts."""
+        deliveries = await self._store.reset_delivery_checks(
+            case_id, message="re-check requested: every delivery is checked again"
+        )
+        doses = await self._store.reset_dose_checks(
+            case_id, message="re-check requested: the dose checks run again"
+        )
+        self.deliveries.wake()
+        self.dose_checks.wake()
+        return (
+            f"checks of {case_id} run again: {deliveries} delivery check(s), {doses} dose check(s)"
+        )
 
     async def _stop_task(self, key: str) -> None:
         task = self._tasks.get(key)

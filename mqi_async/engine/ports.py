@@ -294,6 +294,10 @@ class Store(Protocol):
 
     async def reset_delivery_checks(self, case_id: str, *, message: str) -> int: ...
 
+    async def cases_to_report(self, *, max_attempts: int, limit: int = 50) -> list[str]: ...
+
+    async def record_report_failure(self, case_id: str, *, error: str) -> int: ...
+
     async def finish_command(
         self, command_id: int, status: CommandStatus, result: str | None = None
     ) -> object: ...
@@ -336,6 +340,13 @@ class LocalTools(Protocol):
         """The 3-D gamma (qa.gamma) of the summed `evaluated` doses against the summed
         `reference` ones, off the loop; its summary. Raises the named PermanentError when they
         cannot be compared, TransientError when the worker failed."""
+        ...
+
+    async def build_report(self, *, case_id: str, log_dir: Path) -> dict[str, object]:
+        """Write the case report (PDF and HTML) in a process of its own and record it.
+
+        Raises PermanentError `unknown_case`; TransientError `report_failed`, `report_timeout`.
+        """
         ...
 
     async def check_delivery(

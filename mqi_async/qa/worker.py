@@ -131,7 +131,9 @@ async def gamma_in_worker(
 # ------------------------------------------------------------------------ delivery checks
 
 
-def _delivery_options(request: Mapping[str, object]) -> DeliveryOptions:
+def delivery_options(request: Mapping[str, object]) -> DeliveryOptions:
+    """The DeliveryOptions of a delivery request (`client.delivery_request`)."""
+
     def num(key: str) -> float:
         value = request.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -180,7 +182,7 @@ def answer_delivery_request(request: Mapping[str, object]) -> dict[str, object]:
             PermanentError; internal_error for a malformed request.
     """
     try:
-        options = _delivery_options(request)
+        options = delivery_options(request)
         beam_number = request["beam_number"]
         if isinstance(beam_number, bool) or not isinstance(beam_number, int):
             raise GammaInputError(f"beam_number must be an integer, not {beam_number!r}")

@@ -31,6 +31,7 @@ from mqi_async.domain.records import (
     NewBeam,
     NewCase,
     NewDelivery,
+    ReportRow,
     RunRow,
     SkippedFolder,
 )
@@ -55,6 +56,7 @@ from mqi_async.store.files import (
 from mqi_async.store.gpus import GpuRow, Gpus
 from mqi_async.store.hosts import HostRow, Hosts
 from mqi_async.store.leases import Leases
+from mqi_async.store.reports import Reports
 from mqi_async.store.runs import Runs
 from mqi_async.store.schema import migrate
 from mqi_async.store.session import Session, is_corruption, is_unwritable, unwritable_error
@@ -62,6 +64,7 @@ from mqi_async.store.skipped import SkippedFolderRow, SkippedFolders
 from mqi_async.store.snapshot import (
     CaseSnapshot,
     DashboardCounts,
+    read_case_snapshot,
     read_dashboard_cases,
     read_snapshot,
 )
@@ -100,6 +103,7 @@ class Transaction:
         "gpus",
         "hosts",
         "leases",
+        "reports",
         "runs",
         "skipped",
     )
@@ -117,6 +121,7 @@ class Transaction:
         self.events = Events(session)
         self.commands = Commands(session)
         self.skipped = SkippedFolders(session)
+        self.reports = Reports(session)
 
     @property
     def at(self) -> datetime:
@@ -130,6 +135,10 @@ class Transaction:
     async def snapshot(self) -> list[CaseSnapshot]:
         """Every case with its beams, in creation order (see `snapshot.read_snapshot`)."""
         return await read_snapshot(self._session)
+
+    async def case_snapshot(self, case_id: str) -> CaseSnapshot | None:
+        """One treatment case as `status` shows it."""
+        return await read_case_snapshot(self._session, case_id)
 
 
 class Store:
@@ -770,6 +779,37 @@ class Store:
         async with self.read() as tx:
             return await tx.snapshot()
 
+    async def case_snapshot(self, case_id: str) -> tuple[CaseSnapshot | None, datetime]:
+        """One treatment case as `status` shows it, and the moment of the read."""
+        async with self.read() as tx:
+            return await tx.case_snapshot(case_id), tx.at
+
+    # -- reports ---------------------------------------------------------------------------
+
+    async def cases_to_report(self, *, max_attempts: int, limit: int = 50) -> list[str]:
+        """Finished cases whose report is missing, older than a verdict, or failed."""
+        async with self.read() as tx:
+            return await tx.reports.stale_cases(max_attempts, limit)
+
+    async def get_report(self, case_id: str) -> ReportRow | None:
+        async with self.read() as tx:
+            return await tx.reports.get(case_id)
+
+    async def record_report(
+        self, case_id: str, *, pdf: str, html: str, verdict: str, as_of: datetime
+    ) -> None:
+        """A report built from the data read at `as_of`, with its event."""
+        async with self.transaction() as tx:
+            await tx.reports.record_built(case_id, pdf=pdf, html=html, verdict=verdict, as_of=as_of)
+            await tx.events.append("report", f"report written ({verdict}): {pdf}", case_id=case_id)
+
+    async def record_report_failure(self, case_id: str, *, error: str) -> int:
+        """A failed report build, with its event; returns how many tries failed in a row."""
+        async with self.transaction() as tx:
+            tries = await tx.reports.record_failed(case_id, error=error)
+            await tx.events.append("report", f"report failed: {error}", case_id=case_id)
+            return tries
+
 
 async def read_status_document(path: str | os.PathLike[str]) -> dict[str, object]:
     """The cases (the `status --json` document) and the hosts' states, for the `status` command."""
@@ -848,3 +888,17 @@ async def submit_command(
         return None
     async with await Store._open_client(db_path) as store:
         return await store.enqueue_command(kind, case_id, payload)
+
+
+async def record_report_files(
+    path: str | os.PathLike[str],
+    case_id: str,
+    *,
+    pdf: str,
+    html: str,
+    verdict: str,
+    as_of: datetime,
+) -> None:
+    """Record a case report written by the report process, beside the service or alone."""
+    async with await Store._open_client(absolute(path)) as store:
+        await store.record_report(case_id, pdf=pdf, html=html, verdict=verdict, as_of=as_of)

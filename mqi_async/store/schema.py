@@ -240,6 +240,19 @@ INSERT INTO dose_checks (subject_id, case_id, beam_id, status, reason, result, c
     FROM cases WHERE status IN ('completed', 'failed', 'cancelled');
 """
 
+# The case report (PDF and HTML) last built, and the verdict state it shows.
+_V9 = """
+CREATE TABLE reports (
+    case_id   TEXT PRIMARY KEY REFERENCES cases (case_id) ON DELETE CASCADE,
+    pdf       TEXT,
+    html      TEXT,
+    verdict   TEXT,
+    error     TEXT,
+    attempts  INTEGER NOT NULL DEFAULT 0,
+    built_at  TEXT NOT NULL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(version=1, description="initial schema", sql=_V1),
     Migration(version=2, description="case priorities", sql=_V2),
@@ -249,6 +262,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(version=6, description="folders the scan skipped, for status", sql=_V6),
     Migration(version=7, description="a delivery check per delivery", sql=_V7),
     Migration(version=8, description="planned runs and dose checks", sql=_V8),
+    Migration(version=9, description="case reports", sql=_V9),
 )
 
 #: The schema version this code reads and writes.

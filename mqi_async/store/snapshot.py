@@ -177,7 +177,8 @@ def _beam_from(r: sqlite3.Row) -> BeamSnapshot:
 async def _cases_with_beams(
     session: Session, where: str = "", params: Sequence[SqlValue] = ()
 ) -> list[CaseSnapshot]:
-    """Cases matching `where` (SQL on `cases`) with their beams and deliveries: three queries."""
+    """Cases matching `where` (SQL on `cases`) with their beams, deliveries, checks and report
+    (five queries, whatever the count)."""
     beams_of: dict[str, list[BeamSnapshot]] = {}
     deliveries_of: dict[str, list[DeliveryRow]] = {}
     checks: dict[str, DoseCheckRow] = {}
@@ -200,6 +201,12 @@ async def _cases_with_beams(
         params,
     ):
         deliveries_of.setdefault(r["case_id"], []).append(delivery_from_row(r))
+    reports = {
+        r[0]: r[1]
+        for r in await session.rows(
+            f"SELECT case_id, pdf FROM reports{beam_filter} AND pdf IS NOT NULL", params
+        )
+    }
     return [
         CaseSnapshot(
             case_id=r["case_id"],
@@ -216,6 +223,7 @@ async def _cases_with_beams(
             updated_at=decode_time(r["updated_at"]),
             deliveries=tuple(deliveries_of.get(r["case_id"], ())),
             plan_qa=checks.get(r["case_id"]),
+            report=reports.get(r["case_id"]),
         )
         for r in await session.rows(
             f"SELECT {_CASE_COLUMNS} FROM cases {where} ORDER BY created_at, rowid", params
@@ -226,6 +234,12 @@ async def _cases_with_beams(
 async def read_snapshot(session: Session) -> list[CaseSnapshot]:
     """Every case in creation order with its beams by index: two queries, whatever the count."""
     return await _cases_with_beams(session)
+
+
+async def read_case_snapshot(session: Session, case_id: str) -> CaseSnapshot | None:
+    """One treatment case with its beams, deliveries, checks and report."""
+    found = await _cases_with_beams(session, "WHERE case_id = ?", (case_id,))
+    return found[0] if found else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

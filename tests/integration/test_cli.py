@@ -81,7 +81,7 @@ def test_status_with_config_error_exits_2(tmp_path: Path) -> None:
     assert "gpu.allocation" in res.stderr
 
 
-@pytest.mark.parametrize("command", ["retry", "cancel"])
+@pytest.mark.parametrize("command", ["retry", "cancel", "recheck"])
 def test_request_for_unknown_case_exits_1(tmp_path: Path, command: str) -> None:
     cfg = tmp_path / "config.yaml"
     cfg.write_text("database: mqi.db\n")

@@ -53,13 +53,18 @@ LAYERS = 4
 MU_PER_COUNT = DEFAULT_MU_PER_COUNT["G2"]
 
 
-def _rig(root: Path, sshd: SshdServer, reference: str = "planned_mc") -> Rig:
+def _rig(
+    root: Path, sshd: SshdServer, reference: str = "planned_mc", *, report: bool = False
+) -> Rig:
     return make_rig(
         root,
         sshd,
         gpus=2,
         run_seconds=0.3,
-        overrides={"moqui": {**default_moqui(), **QA_PHANTOM}, "qa": {"reference": reference}},
+        overrides={
+            "moqui": {**default_moqui(), **QA_PHANTOM},
+            "qa": {"reference": reference, "report": report},
+        },
     )
 
 
@@ -184,6 +189,36 @@ async def test_each_beam_gets_the_verdict_its_delivery_earns(
     assert _case(rig, "QA-MISSING")["qa"]["status"] == "failed"
 
 
+async def test_a_recheck_runs_the_checks_again_and_rebuilds_the_report(
+    tmp_path: Path, sshd: SshdServer
+) -> None:
+    rig = _rig(tmp_path / "rig", sshd, report=True)
+    write_case(rig.scan, _spec("RECHECK", *CASES["QA-MISSING"]))
+    async with running_service(rig.settings()) as service:
+        first = await wait_until(
+            lambda: _case(rig, "RECHECK").get("qa", {}).get("report"),
+            timeout_s=240,
+            what="the report",
+        )
+        before = _case(rig, "RECHECK")
+        assert before["qa"]["status"] == "failed"
+        written = Path(first).stat().st_mtime_ns
+        runs = len(starts(rig))
+        message = await service.engine.apply("recheck", "RECHECK")
+        assert message.startswith("checks of RECHECK run again: 2 delivery check(s)")
+        await wait_until(
+            lambda: Path(first).stat().st_mtime_ns > written and _judged(rig, "RECHECK"),
+            timeout_s=240,
+            what="the checks and the report again",
+        )
+    after = _case(rig, "RECHECK")
+    # the same data gives the same verdicts; no MOQUI run was repeated
+    assert after["qa"]["status"] == "failed" and after["qa"]["report"] == first
+    assert [b["qa"] for b in after["beams"]] == [b["qa"] for b in before["beams"]]
+    assert len(starts(rig)) == runs
+    assert Path(first).with_suffix(".html").is_file()
+
+
 def _copy_in(source: Path, target: Path) -> None:
     """A whole case folder appears at once (copied beside, then renamed)."""
     staging = target.with_name(target.name + ".extracting")
@@ -261,7 +296,10 @@ def test_a_crash_during_the_planned_runs_loses_nothing_and_runs_nothing_twice(
         sshd,
         gpus=2,
         run_seconds=3,
-        overrides={"moqui": {**default_moqui(), **QA_PHANTOM}, "qa": {"reference": "planned_mc"}},
+        overrides={
+            "moqui": {**default_moqui(), **QA_PHANTOM},
+            "qa": {"reference": "planned_mc", "report": False},
+        },
     )
     write_case(rig.scan, _spec("CRASH"))
     proc = spawn_service(rig, "first.out")

@@ -85,7 +85,7 @@ def local_rig(
         "moqui": {**default_moqui(), **SMALL_PHANTOM, **(moqui or {})},
         "logging": {"directory": "logs", "level": "DEBUG"},
         # one MOQUI run per beam: these tests read each run's stand-in output
-        "qa": {"reference": "none"},
+        "qa": {"reference": "none", "report": False},
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -139,3 +139,31 @@ def test_secrets_are_masked(tmp_path: Path) -> None:
     assert "hunter2" not in dumped and "swordfish" not in dumped
     assert "********" in dumped
     assert "hunter2" not in repr(s)
+
+
+def test_notify_section_is_checked_and_its_secrets_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (
+        "notify:\n"
+        "  webhook: {url: 'https://hooks.example/T0KEN', headers: {Authorization: Bearer tok3n}}\n"
+        "  email: {host: smtp.example, username: mqi, password: swordfish,"
+        " sender: mqi@clinic.example, recipients: [it@clinic.example]}\n"
+    )
+    s = load_settings(_write(tmp_path, text))
+    assert s.notify.enabled is False and s.notify.include_patient_id is False
+    assert s.notify.email is not None and s.notify.email.starttls and s.notify.email.port == 587
+    dumped = repr(effective_config(s))
+    for secret in ("T0KEN", "tok3n", "swordfish"):
+        assert secret not in dumped and secret not in repr(s)
+    monkeypatch.setenv("MQI_NOTIFY__ENABLED", "true")
+    assert load_settings(_write(tmp_path, text)).notify.enabled is True
+    bad = (
+        "notify:\n  enabled: true\n  webhook: {url: 'ftp://x'}\n"
+        "  email: {host: h, starttls: false, username: u, sender: nobody, recipients: []}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings(_write(tmp_path, bad))
+    problems = "\n".join(err.value.problems)
+    for path in ("notify.webhook.url", "notify.email.sender", "notify.email.recipients"):
+        assert path in problems
