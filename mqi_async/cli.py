@@ -199,7 +199,7 @@ def _check_config(path: Path) -> int:
     return EXIT_OK
 
 
-def _status_table(cases: list[dict[str, Any]]) -> str:
+def _status_table(cases: list[dict[str, Any]], keys: dict[str, str] | None = None) -> str:
     if not cases:
         return "no cases"
     lines = [f"{'CASE':<24} {'ROOM':<4} {'STATUS':<15} {'PROG':>4}  BEAMS  ERROR"]
@@ -210,6 +210,9 @@ def _status_table(cases: list[dict[str, Any]]) -> str:
             f"{str(c['case_id'])[:24]:<24} {c['room'] or '-':<4} {c['status']:<15} "
             f"{c['progress']:>3}%  {done}/{len(beams):<4} {c['error'] or ''}"
         )
+        if keys and c["case_id"] in keys:
+            # the name hosts and notifications give the case (never its id)
+            lines.append(f"  key: {keys[c['case_id']]}")
         if "qa" in c:
             qa = c["qa"]
             rate = qa.get("pass_rate_percent")
@@ -261,6 +264,20 @@ def _delivery_line(d: dict[str, Any]) -> str:
     )
 
 
+def _case_keys(database: Path, case_ids: list[str]) -> dict[str, str]:
+    """Each case's key (`domain.privacy.case_key`), when the database's secret exists."""
+    from mqi_async.domain.privacy import SECRET_BYTES, case_key
+    from mqi_async.store.secret import secret_path
+
+    try:
+        secret = secret_path(database).read_bytes()
+    except OSError:
+        return {}
+    if len(secret) != SECRET_BYTES:
+        return {}
+    return {c: case_key(secret, c) for c in case_ids}
+
+
 async def _status(settings: Settings, as_json: bool) -> int:
     from mqi_async.store.db import database_health, read_status_document
 
@@ -286,7 +303,9 @@ async def _status(settings: Settings, as_json: bool) -> int:
             f"skipped folder {folder['path']}: {folder['reason']}{detail} — "
             f"{failure_info(folder['reason']).advice}"
         )
-    print(_status_table(doc["cases"]))  # type: ignore[arg-type]
+    cases: list[dict[str, Any]] = doc["cases"]  # type: ignore[assignment]
+    keys = await asyncio.to_thread(_case_keys, settings.database, [c["case_id"] for c in cases])
+    print(_status_table(cases, keys))
     return EXIT_OK
 
 
