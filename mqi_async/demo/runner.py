@@ -67,7 +67,11 @@ def demo_settings(workdir: Path, options: DemoOptions) -> Settings:
 _DEMO_ERRORS: dict[int, tuple[DeliveryError, ...]] = {
     1: (),
     2: (DeliveryError(kind=DeliveryErrorKind.SHIFT, layer=2, value=3.0, beam=1, fraction=2),),
-    3: (DeliveryError(kind=DeliveryErrorKind.MISSING_LAYER, layer=3, beam=2, fraction=1),),
+    # one case whose report shows a passed, a conditional and a failed beam
+    3: (
+        DeliveryError(kind=DeliveryErrorKind.MISSING_LAYER, layer=3, beam=2, fraction=1),
+        DeliveryError(kind=DeliveryErrorKind.METERSET, layer=None, value=15.0, beam=1, fraction=1),
+    ),
     0: (
         DeliveryError(kind=DeliveryErrorKind.METERSET, layer=None, value=15.0, beam=1, fraction=1),
     ),

@@ -38,7 +38,8 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
-    """Three demo cases of two beams: a faithful one, a shifted layer, a missing layer."""
+    """Three demo cases of two beams: a faithful one, a shifted layer, and one with a +15 %
+    meterset on beam 1 and a missing layer on beam 2."""
     workdir = tmp_path_factory.mktemp("reports") / "demo"
     res = _cli(
         "demo", "--no-ui", "--exit-when-done", "--cases", "3", "--beams", "2",
@@ -73,6 +74,8 @@ def test_every_finished_case_has_a_report_with_its_verdicts(
     _, cases = demo
     verdicts = {c["qa"]["status"] for c in cases}
     assert {"passed", "conditional", "failed"} <= verdicts, verdicts
+    mixed = [b["qa"]["status"] for b in cases[2]["beams"]]
+    assert mixed == ["conditional", "failed"], mixed
     for case in cases:
         pdf = case["qa"]["report"]
         assert pdf and Path(pdf).is_file(), case["case_id"]
