@@ -19,6 +19,7 @@ from mqi_async.qa.delivery import DeliveryCheckError, LayerCheck, LayerMaps, che
 from mqi_async.qa.rtdose import read_summed
 from mqi_async.qa.worker import delivery_options
 from mqi_async.report.content import (
+    ReportDocument,
     Section,
     deviations_text,
     layer_table,
@@ -250,25 +251,23 @@ def render_report(data: ReportData) -> BuiltReport:
         sections.append(Section(title="Pictures not drawn", pairs=tuple(("", p) for p in problems)))
     out = data.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    title = f"Dose check report — case {data.case.case_id}"
-    generated = datetime.now(UTC)
-    common = {
-        "title": title,
-        "verdict": verdict,
-        "verdict_words": words,
-        "generated_at": generated,
-        "as_of": data.as_of,
-        "sections": sections,
-        "figures": figures,
-    }
+    doc = ReportDocument(
+        title=f"Dose check report — case {data.case.case_id}",
+        verdict=verdict,
+        verdict_words=words,
+        generated_at=datetime.now(UTC),
+        as_of=data.as_of,
+        sections=sections,
+        figures=figures,
+    )
     pages = 0
 
     def pdf(path: str) -> None:
         nonlocal pages
-        pages = write_pdf(path, **common)  # type: ignore[arg-type]
+        pages = write_pdf(path, doc)
 
     _replace_atomically(out / PDF_NAME, pdf)
-    _replace_atomically(out / HTML_NAME, lambda path: write_html(path, **common))  # type: ignore[arg-type]
+    _replace_atomically(out / HTML_NAME, lambda path: write_html(path, doc))
     return BuiltReport(
         case_id=data.case.case_id,
         pdf=str((out / PDF_NAME).resolve()),

@@ -5,11 +5,30 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from mqi_async.domain.records import DoseCheckRow
 from mqi_async.report.model import ReportData
 
+if TYPE_CHECKING:
+    from mqi_async.report.figures import ReportFigure
+
 Table = tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportDocument:
+    """Everything one report shows, as both writers (PDF, HTML) lay it out."""
+
+    title: str
+    verdict: str
+    #: which part decided the verdict, or the plan sum's numbers
+    verdict_words: str
+    generated_at: datetime
+    #: when the store was read
+    as_of: datetime
+    sections: Sequence[Section]
+    figures: Sequence[ReportFigure]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

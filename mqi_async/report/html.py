@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
-from datetime import datetime
 from html import escape
 
 from matplotlib.figure import Figure
 
-from mqi_async.report.content import Section, Table, local_time
-from mqi_async.report.figures import VERDICT_COLOURS, ReportFigure
+from mqi_async.report.content import ReportDocument, Table, local_time
+from mqi_async.report.figures import VERDICT_COLOURS
 
 _CSS = """
 body{font-family:DejaVu Sans,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#111}
@@ -45,17 +43,8 @@ def _png(fig: Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def write_html(
-    target: str,
-    *,
-    title: str,
-    verdict: str,
-    verdict_words: str,
-    generated_at: datetime,
-    as_of: datetime,
-    sections: Sequence[Section],
-    figures: Sequence[ReportFigure],
-) -> None:
+def write_html(target: str, doc: ReportDocument) -> None:
+    title, verdict = doc.title, doc.verdict
     colour = VERDICT_COLOURS.get(verdict, "#000")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -64,12 +53,12 @@ def write_html(
         " img-src data:; style-src 'unsafe-inline'\">",
         f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
-        f"<p class='muted'>Generated {escape(local_time(generated_at))}, data as of"
-        f" {escape(local_time(as_of))}.</p>",
+        f"<p class='muted'>Generated {escape(local_time(doc.generated_at))}, data as of"
+        f" {escape(local_time(doc.as_of))}.</p>",
         f"<div class='banner' style='background:{colour}'><b>Verdict: {escape(verdict.upper())}"
-        f"</b><br>{escape(verdict_words)}</div>",
+        f"</b><br>{escape(doc.verdict_words)}</div>",
     ]
-    for section in sections:
+    for section in doc.sections:
         parts.append(f"<h2>{escape(section.title)}</h2>")
         if section.pairs:
             rows = "".join(
@@ -80,7 +69,7 @@ def write_html(
             parts.append(_table(section.table))
         if section.note:
             parts.append(f"<p>{escape(section.note)}</p>")
-    for item in figures:
+    for item in doc.figures:
         parts.append(f"<h2>{escape(item.title)}</h2>")
         parts.append(
             f"<img alt='{escape(item.title)}' src='data:image/png;base64,{_png(item.figure)}'>"

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
-from datetime import datetime
 
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from mqi_async.report.content import Section, Table, local_time
-from mqi_async.report.figures import PAGE, VERDICT_COLOURS, ReportFigure
+from mqi_async.report.content import ReportDocument, Table, local_time
+from mqi_async.report.figures import PAGE, VERDICT_COLOURS
 
 #: table rows on one page
 ROWS_PER_PAGE = 38
@@ -68,34 +67,25 @@ def _clip(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def write_pdf(
-    target: str,
-    *,
-    title: str,
-    verdict: str,
-    verdict_words: str,
-    generated_at: datetime,
-    as_of: datetime,
-    sections: Sequence[Section],
-    figures: Sequence[ReportFigure],
-) -> int:
+def write_pdf(target: str, doc: ReportDocument) -> int:
     """Write the PDF (summary, then each figure and its layer table); returns the page count."""
+    title, verdict = doc.title, doc.verdict
     pages: list[Figure] = []
-    page = _Page(f"{title} — generated {local_time(generated_at)}")
+    page = _Page(f"{title} — generated {local_time(doc.generated_at)}")
     page.text(title, size=15, bold=True)
     page.y -= 0.01
     colour = VERDICT_COLOURS.get(verdict, "black")
     page.fig.add_artist(_banner(page.fig, page.y, colour))
     page.text(f"Verdict: {verdict.upper()}", size=14, bold=True, colour="white")
-    page.text(verdict_words, size=8, colour="white")
+    page.text(doc.verdict_words, size=8, colour="white")
     page.y -= 0.015
     page.text(
-        f"Data as of {local_time(as_of)}. Verdicts are computed by mqi-async; this report"
+        f"Data as of {local_time(doc.as_of)}. Verdicts are computed by mqi-async; this report"
         " must be reviewed and signed by a qualified medical physicist.",
         size=7,
         colour="#555555",
     )
-    for section in sections:
+    for section in doc.sections:
         rows = section.table[1] if section.table else ()
         need = 0.03 + 0.015 * len(section.pairs) + (0.017 * (min(len(rows), 12) + 1))
         if page.y - need < 0.12:
@@ -120,7 +110,7 @@ def write_pdf(
         page = _Page(title)
     _signature(page)
     pages.append(page.fig)
-    for item in figures:
+    for item in doc.figures:
         pages.append(item.figure)
         if item.layers is not None:
             rows = item.layers[1]
