@@ -15,25 +15,43 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.coordinate import Coordinate
 from textual.events import Key
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, RichLog, Static
-from textual.widgets.data_table import RowKey
 
 from mqi_async.config import IGNORE_HOST_KEYS
 from mqi_async.domain.model import CaseStatus
 from mqi_async.domain.records import CommandKind
-from mqi_async.store import BeamSnapshot, CaseSnapshot, EventRow, GpuRow, LeaseRow, Store
+from mqi_async.store import CaseSnapshot, EventRow, GpuRow, LeaseRow, Store
 from mqi_async.store.skipped import SkippedFolderRow
 from mqi_async.store.snapshot import DashboardCounts
+from mqi_async.ui.cells import beam_cells, case_cells, clock, gpu_cells
+from mqi_async.ui.detail import CaseDetailScreen
+from mqi_async.ui.empty import EmptyState
+from mqi_async.ui.tables import Rows, cursor_key, row_value, sync_table
 from mqi_async.ui.widgets import ConfirmDialog, LogScreen, PriorityDialog, guarded, report_failure
 
 log = logging.getLogger(__name__)
 
-CASE_COLUMNS = ("case", "room", "status", "progress", "beams", "age", "error")
-BEAM_COLUMNS = ("beam", "#", "status", "host", "gpu", "attempt", "progress", "transfer", "elapsed")
+CASE_COLUMNS = ("case", "room", "status", "verdict", "progress", "beams", "age", "error")
+BEAM_COLUMNS = (
+    "beam",
+    "#",
+    "status",
+    "verdict",
+    "host",
+    "gpu",
+    "attempt",
+    "progress",
+    "transfer",
+    "elapsed",
+)
 GPU_COLUMNS = ("host", "gpu", "name", "util", "memory", "temp", "owner")
+
+
+def local_now() -> datetime:
+    """The dashboard's clock: now, in the local zone (times are shown in its zone)."""
+    return datetime.now(UTC).astimezone()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,87 +69,10 @@ class Dashboard:
     #: folders the last scan could not take (names not UTF-8, unreadable)
     skipped: Sequence[SkippedFolderRow] = ()
 
-
-def progress_bar(percent: int, width: int = 10) -> str:
-    filled = max(0, min(width, round(width * percent / 100)))
-    return "█" * filled + "░" * (width - filled) + f" {percent:3d}%"
-
-
-def human_age(then: datetime, now: datetime) -> str:
-    s = max(0, int((now - then).total_seconds()))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600}h"
-
-
-def human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
-def case_cells(case: CaseSnapshot, now: datetime) -> tuple[str, ...]:
-    done = sum(1 for b in case.beams if b.status == "completed")
-    return (
-        case.case_id,
-        case.room or "-",
-        str(case.status),
-        progress_bar(case.progress),
-        f"{done}/{len(case.beams)}",
-        human_age(case.created_at, now),
-        (case.error or "")[:80],
-    )
-
-
-def beam_cells(
-    beam: BeamSnapshot, gpu_index: Mapping[str, int], now: datetime, updated: datetime
-) -> tuple[str, ...]:
-    gpus = ",".join(str(gpu_index.get(u, "?")) for u in beam.gpus) or "-"
-    transfer = "-"
-    if beam.transfer_total_bytes:
-        transfer = (
-            f"{human_bytes(beam.transfer_done_bytes)}/{human_bytes(beam.transfer_total_bytes)}"
-        )
-    status = str(beam.status)
-    if beam.status == "paused" and beam.resume_status:
-        status = f"paused ({beam.resume_status})"
-    return (
-        beam.beam_name or beam.beam_id,
-        str(beam.beam_number if beam.beam_number is not None else "-"),
-        status,
-        beam.host or "-",
-        gpus,
-        str(beam.attempts),
-        progress_bar(beam.progress),
-        transfer,
-        human_age(updated, now),
-    )
-
-
-def gpu_cells(gpu: GpuRow, owner: str | None) -> tuple[str, ...]:
-    who = owner or ("foreign" if gpu.has_foreign_process else "-")
-    return (
-        gpu.host,
-        str(gpu.index),
-        gpu.name,
-        f"{gpu.utilization_pct}%",
-        f"{gpu.memory_used_mb}/{gpu.memory_total_mb} MiB",
-        f"{gpu.temperature_c}°C",
-        who,
-    )
-
-
-def row_value(key: RowKey | None) -> str | None:
-    """A table row's key as text; Textual hands out None for a row removed meanwhile."""
-    value = getattr(key, "value", None)
-    return None if value is None else str(value)
+    @property
+    def no_cases(self) -> bool:
+        """The database holds no case at all (not: the filter matches none)."""
+        return not self.cases and not any(self.counts.cases_by_status.values())
 
 
 def newest_log_text(runs_dir: Path, limit_bytes: int = 20000) -> str:
@@ -158,6 +99,7 @@ class DashboardApp(App[None]):
     #right { width: 2fr; }
     #cases { height: 2fr; }
     #beams { height: 1fr; }
+    #left.empty #cases, #left.empty #beams { display: none; }
     #gpus { height: 1fr; }
     #events { height: 1fr; border-top: solid $primary; }
     #skipped { height: auto; max-height: 4; background: $warning 30%; padding: 0 1; }
@@ -166,8 +108,10 @@ class DashboardApp(App[None]):
     #filter.visible { display: block; }
     """
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("d", "detail", "Detail"),
         Binding("r", "retry", "Retry"),
         Binding("c", "cancel", "Cancel"),
+        Binding("k", "recheck", "Re-run checks"),
         Binding("p", "priority", "Priority"),
         Binding("/", "filter", "Filter"),
         Binding("l", "log", "Log"),
@@ -183,19 +127,25 @@ class DashboardApp(App[None]):
         hosts_state: Callable[[], Mapping[str, str]] = dict,
         service_state: Callable[[], str] = lambda: "running",
         on_quit: Callable[[], None] | None = None,
+        scan_directory: Path | None = None,
+        now: Callable[[], datetime] = local_now,
     ) -> None:
+        """`scan_directory` is named by the empty state; `now` is the clock for ages, and its
+        zone the one times are shown in (tests pin both)."""
         super().__init__()
         self._store = store
         self._work = work_directory
+        self._scan = scan_directory
+        self._now = now
         self._interval_s = 1.0 / refresh_hz
         self._hosts_state = hosts_state
         self._service_state = service_state
         self._on_quit = on_quit
         self._filter = ""
         self._selected_case: str | None = None
-        self._case_rows: dict[str, tuple[str, ...]] = {}
-        self._beam_rows: dict[str, tuple[str, ...]] = {}
-        self._gpu_rows: dict[str, tuple[str, ...]] = {}
+        self._case_rows: Rows = {}
+        self._beam_rows: Rows = {}
+        self._gpu_rows: Rows = {}
         self._last: Dashboard | None = None
         self._last_event_id = 0
         self._refreshing = False
@@ -212,11 +162,12 @@ class DashboardApp(App[None]):
         )
         with Horizontal():
             with Vertical(id="left"):
+                yield EmptyState(self._scan, id="empty")
                 yield DataTable(id="cases", cursor_type="row", zebra_stripes=True)
                 yield DataTable(id="beams", cursor_type="row")
             with Vertical(id="right"):
                 yield DataTable(id="gpus", cursor_type="row")
-                yield RichLog(id="events", max_lines=500, wrap=True, markup=False)
+                yield RichLog(id="events", max_lines=500, wrap=True, markup=False, min_width=20)
         yield Footer()
 
     @guarded("starting the dashboard")
@@ -271,19 +222,39 @@ class DashboardApp(App[None]):
             skipped=await self._store.list_skipped_folders(),
         )
 
+    async def read_case(
+        self, case_id: str, dash: Dashboard | None
+    ) -> tuple[CaseSnapshot | None, list[EventRow]]:
+        """One case for its detail screen (from the refresh's read when it is there) and its
+        newest events."""
+        case = next((c for c in dash.cases if c.case_id == case_id), None) if dash else None
+        if case is None:
+            # not among the dashboard's cases (aged out, or hidden by the filter)
+            found, _ = await self._store.dashboard(recent=20, text=case_id)
+            case = next((c for c in found if c.case_id == case_id), None)
+        return case, await self._store.recent_events(200, case_id=case_id)
+
+    def _detail_screens(self) -> list[CaseDetailScreen]:
+        return [s for s in self.screen_stack if isinstance(s, CaseDetailScreen)]
+
     async def refresh_view(self) -> None:
         """Read a snapshot and update only the cells that changed."""
         self._refreshing = True
         try:
             dash = await self.read_dashboard()
+            details = [(s, *await self.read_case(s.case_id, dash)) for s in self._detail_screens()]
             self._last = dash
-            now = datetime.now(UTC)
+            now = self._now()
             self._render_header(dash)
             self._render_skipped(dash)
+            self._render_empty(dash)
             self._render_cases(dash, now)
             self._render_beams(dash, now)
             self._render_gpus(dash)
-            self._render_events(dash)
+            self._render_events(dash, now)
+            for screen, case, events in details:
+                if screen in self.screen_stack:  # not closed while reading
+                    screen.show(case, events, now)
         finally:
             self._refreshing = False
 
@@ -310,25 +281,21 @@ class DashboardApp(App[None]):
             shown.append(f"… and {len(dash.skipped) - 3} more (mqi-async status lists them)")
         widget.update("\n".join(shown))
 
+    def _render_empty(self, dash: Dashboard) -> None:
+        """No case in the database: say where cases go instead of two empty tables."""
+        left = self.query_one("#left", Vertical)
+        empty = dash.no_cases
+        if empty == left.has_class("empty"):
+            return
+        left.set_class(empty, "empty")
+        self.query_one("#empty", EmptyState).set_class(empty, "visible")
+        if not empty and not self.query_one("#filter", Input).has_focus:
+            # hidden, the table lost the focus: the first case is ready for the keys
+            self.query_one("#cases", DataTable).focus()
+
     @staticmethod
-    def _sync(
-        table: DataTable[Any],
-        rows: dict[str, tuple[str, ...]],
-        new: dict[str, tuple[str, ...]],
-        columns: Sequence[str],
-    ) -> None:
-        for key in [k for k in rows if k not in new]:
-            table.remove_row(key)
-            del rows[key]
-        for key, cells in new.items():
-            old = rows.get(key)
-            if old is None:
-                table.add_row(*cells, key=key)
-            elif old != cells:
-                for col, before, after in zip(columns, old, cells, strict=True):
-                    if before != after:
-                        table.update_cell(key, col, after)
-            rows[key] = cells
+    def _sync(table: DataTable[Any], rows: Rows, new: Rows, columns: Sequence[str]) -> None:
+        sync_table(table, rows, new, columns)
 
     def _visible_cases(self, dash: Dashboard) -> list[CaseSnapshot]:
         f = self._filter.casefold()
@@ -348,15 +315,14 @@ class DashboardApp(App[None]):
             # nothing selected yet, or the selected case left the view (filter, aged out)
             self._selected_case = None
             if new:
-                row = min(max(table.cursor_row, 0), table.row_count - 1)
-                key = row_value(table.coordinate_to_cell_key(Coordinate(row, 0)).row_key)
+                key = cursor_key(table)
                 self._selected_case = key if key in new else next(iter(new))
 
     def _render_beams(self, dash: Dashboard, now: datetime) -> None:
         table = self.query_one("#beams", DataTable)
         gpu_index = {g.uuid: g.index for g in dash.gpus}
         case = next((c for c in dash.cases if c.case_id == self._selected_case), None)
-        new: dict[str, tuple[str, ...]] = {}
+        new: Rows = {}
         if case is not None:
             new = {
                 b.beam_id: beam_cells(b, gpu_index, now, b.updated_at or case.updated_at)
@@ -367,19 +333,19 @@ class DashboardApp(App[None]):
     def _render_gpus(self, dash: Dashboard) -> None:
         table = self.query_one("#gpus", DataTable)
         owners = {lease.uuid: lease.beam_id for lease in dash.leases}
-        new = {f"{g.host}/{g.uuid}": gpu_cells(g, owners.get(g.uuid)) for g in dash.gpus}
+        new: Rows = {f"{g.host}/{g.uuid}": gpu_cells(g, owners.get(g.uuid)) for g in dash.gpus}
         for host, line in dash.clusters.items():
             # a Slurm cluster allocates its own GPUs: show its queue instead
             new[f"{host}/queue"] = (host, "-", "slurm queue", "", "", "", line)
         self._sync(table, self._gpu_rows, new, GPU_COLUMNS)
 
-    def _render_events(self, dash: Dashboard) -> None:
+    def _render_events(self, dash: Dashboard, now: datetime) -> None:
         log = self.query_one("#events", RichLog)
         for ev in sorted(dash.events, key=lambda e: e.event_id):
             if ev.event_id <= self._last_event_id:
                 continue
             who = ev.beam_id or ev.case_id or ""
-            log.write(f"{ev.at:%H:%M:%S} {who} {ev.kind}: {ev.message}")
+            log.write(f"{clock(ev.at, now)} {who} {ev.kind}: {ev.message}")
             self._last_event_id = ev.event_id
 
     @on(DataTable.RowHighlighted, "#cases")
@@ -389,30 +355,56 @@ class DashboardApp(App[None]):
         if key is not None and key != self._selected_case:
             self._selected_case = key
             if self._last is not None:
-                self._render_beams(self._last, datetime.now(UTC))
+                self._render_beams(self._last, self._now())
+
+    @on(DataTable.RowSelected, "#cases")
+    @guarded("opening a case")
+    async def _case_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter (or a click on the highlighted row) opens the case's detail."""
+        key = row_value(event.row_key)
+        if key is not None:
+            self._selected_case = key
+            await self._open_detail(key)
 
     def selected_case(self) -> str | None:
         return self._selected_case
 
+    def _detail_on_top(self) -> CaseDetailScreen | None:
+        screen = self.screen
+        return screen if isinstance(screen, CaseDetailScreen) else None
+
     def selected_beam(self) -> str | None:
-        table = self.query_one("#beams", DataTable)
-        if table.row_count == 0:
-            return None
-        try:
-            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
-        except Exception:
-            return None
-        return row_value(key)
+        detail = self._detail_on_top()
+        if detail is not None:
+            return detail.selected_beam()
+        return cursor_key(self.query_one("#beams", DataTable))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """While a dialog is open only its own keys work (and quitting)."""
-        return not (action in _MAIN_SCREEN_ACTIONS and isinstance(self.screen, ModalScreen))
+        """While a dialog is open only its own keys work (and quitting); a case's detail takes
+        the case keys, not the ones of the cases list."""
+        if action not in _MAIN_SCREEN_ACTIONS:
+            return True
+        if isinstance(self.screen, ModalScreen):
+            return False
+        return not (self._detail_on_top() is not None and action in _CASE_LIST_ACTIONS)
 
     def _case_or_hint(self) -> str | None:
-        case_id = self._selected_case
+        """The case a key acts on: the detail's case, else the one selected in the list."""
+        detail = self._detail_on_top()
+        case_id = detail.case_id if detail is not None else self._selected_case
         if case_id is None:
             self.notify("no case selected", severity="warning")
         return case_id
+
+    async def _open_detail(self, case_id: str) -> None:
+        if self.screen is not self.default_screen:
+            return  # a dialog or a detail is open already
+        self.push_screen(CaseDetailScreen(case_id))
+
+    @on(CaseDetailScreen.Opened)
+    @guarded("showing the case")
+    async def _detail_opened(self, event: CaseDetailScreen.Opened) -> None:
+        await self._refresh_guarded()
 
     async def _send(
         self, kind: CommandKind, case_id: str, payload: Mapping[str, object] | None = None
@@ -425,6 +417,12 @@ class DashboardApp(App[None]):
         what = f"{kind} {payload['priority']}" if kind == CommandKind.PRIORITY and payload else kind
         self.notify(f"{what} of {case_id} requested")
         log.info("dashboard: %s of %s requested", what, case_id, extra={"component": "ui"})
+
+    @guarded("detail")
+    async def action_detail(self) -> None:
+        case_id = self._case_or_hint()
+        if case_id is not None:
+            await self._open_detail(case_id)
 
     @guarded("retry")
     async def action_retry(self) -> None:
@@ -467,6 +465,25 @@ class DashboardApp(App[None]):
         self.push_screen(
             ConfirmDialog(
                 f"Cancel {case_id}", "Cancel this case? Its running MOQUI jobs are killed."
+            ),
+            functools.partial(answered, self),
+        )
+
+    @guarded("re-run checks")
+    def action_recheck(self) -> None:
+        case_id = self._case_or_hint()
+        if case_id is None:
+            return
+
+        @guarded("re-run checks")
+        async def answered(app: DashboardApp, yes: bool | None) -> None:
+            if yes:
+                await app._send(CommandKind.RECHECK, case_id)
+
+        self.push_screen(
+            ConfirmDialog(
+                f"Re-run checks of {case_id}",
+                "Run its dose and delivery checks again and rebuild its report?",
             ),
             functools.partial(answered, self),
         )
@@ -524,7 +541,11 @@ class DashboardApp(App[None]):
 
 
 #: the dashboard's own keys: off while a dialog is open, so a key meant for it does nothing else
-_MAIN_SCREEN_ACTIONS = frozenset({"retry", "cancel", "priority", "filter", "log", "quit_service"})
+_MAIN_SCREEN_ACTIONS = frozenset(
+    {"detail", "retry", "cancel", "recheck", "priority", "filter", "log", "quit_service"}
+)
+#: keys of the cases list, off on a case's detail screen
+_CASE_LIST_ACTIONS = frozenset({"detail", "filter"})
 
 
 class DashboardCrashed(Exception):
@@ -563,6 +584,7 @@ def dashboard_for(service: Any) -> DashboardApp:
             "PAUSED: database_unwritable (free space)" if engine.database_error else service.state
         ),
         on_quit=service.request_stop,
+        scan_directory=service.settings.scan_directory,
     )
 
 
