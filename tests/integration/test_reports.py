@@ -165,3 +165,28 @@ def test_report_command_rebuilds_and_names_an_unknown_case(
     unknown = _cli("report", "NO_SUCH_CASE", "-c", str(cfg))
     assert unknown.returncode == 1
     assert "unknown_case" in unknown.stderr
+
+
+def test_html_report_renders_in_a_browser_with_the_network_cut_off(
+    demo: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("MQI_TEST_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium is required here")
+        pytest.skip("chromium not installed")
+    _, cases = demo
+    html = Path(cases[2]["qa"]["report"]).with_suffix(".html")
+    shot = tmp_path / "report.png"
+    res = subprocess.run(
+        [browser, "--headless=new", "--no-sandbox", "--disable-gpu",
+         # every name resolves nowhere and no proxy answers: the page must not need either
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600",
+         f"--screenshot={shot}", "--dump-dom", html.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    dom = res.stdout
+    assert "Verdict: FAILED" in dom and dom.count("<img") >= len(cases[2]["beams"])
+    assert shot.is_file() and shot.stat().st_size > 20_000
