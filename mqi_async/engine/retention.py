@@ -173,15 +173,36 @@ class RetentionSweeper:
             self._gone.add(("", str(path)))
             return 0
         try:
-            await asyncio.to_thread(shutil.rmtree, target)
+            kept = await asyncio.to_thread(_remove_keeping_reports, target)
         except OSError as exc:
             log.warning("retention: cannot remove %s: %s", path, exc, extra={"case_id": case_id})
             return 0
         self._gone.add(("", str(path)))
         await self._store.append_event(
             RETENTION_REMOVED,
-            f"removed the work folder {path}",
+            f"removed the work folder {path}"
+            + (f" (kept the signed-off record: {', '.join(kept)})" if kept else ""),
             case_id=case_id,
-            data={"host": None, "path": str(path)},
+            data={"host": None, "path": str(path), "kept": kept},
         )
         return 1
+
+
+#: what retention leaves in a case's work folder: the case report is the record people sign
+KEPT_FILES = ("report.pdf", "report.html")
+
+
+def _remove_keeping_reports(folder: Path) -> list[str]:
+    """Remove `folder` but its case report; the names kept (the folder goes when none)."""
+    kept = [name for name in KEPT_FILES if (folder / name).is_file()]
+    if not kept:
+        shutil.rmtree(folder)
+        return []
+    for child in folder.iterdir():
+        if child.name in kept:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    return kept
