@@ -73,7 +73,7 @@ def service_settings(root: Path) -> Settings:
         retry=RetrySettings(max_attempts=2, backoff_initial_seconds=0.2, backoff_max_seconds=1),
         moqui={**default_moqui(), **SMALL_PHANTOM},
         logging=LoggingSettings(directory=root / "logs"),
-        qa=QaSettings(reference="none"),
+        qa=QaSettings(reference="none", report=False),
         config_dir=root,
     )
 

@@ -512,7 +512,7 @@ def service_settings(root: Path, notify: NotifySettings) -> Settings:
         run_seconds=1.0,
     )  # fmt: skip
     settings = demo_settings(root, options)
-    qa = QaSettings(reference="none", delivery=DeliveryCheckSettings(enabled=False))
+    qa = QaSettings(reference="none", delivery=DeliveryCheckSettings(enabled=False), report=False)
     return settings.model_copy(update={"notify": notify, "qa": qa})
 
 
@@ -645,7 +645,7 @@ async def test_the_service_tells_a_failed_delivery_check(tmp_path: Path, webhook
         poll_seconds=0.2, webhook=WebhookSettings(url=SecretStr(webhook.url), timeout_seconds=5)
     )
     settings = service_settings(tmp_path / "svc", notify).model_copy(
-        update={"qa": QaSettings(reference="none")}  # delivery checks on, no dose check
+        update={"qa": QaSettings(reference="none", report=False)}  # delivery checks, no dose check
     )
     spec = CaseSpec(
         case_id="PAT00009",
