@@ -41,12 +41,18 @@ ENV PATH=/opt/mqi/bin:$PATH \
     MQI_SCAN_DIRECTORY=/data/incoming \
     MQI_WORK_DIRECTORY=/data/work \
     MQI_DATABASE=/data/mqi.db \
-    MQI_LOGGING__DIRECTORY=/data/logs
+    MQI_LOGGING__DIRECTORY=/data/logs \
+    MQI_WEB__BIND=0.0.0.0
 USER mqi
 WORKDIR /data
 # /config: config.yaml (mount your own, read-only); /data: database, work folders, logs.
 # SSH: mount the client key and known_hosts read-only at /home/mqi/.ssh (the config's ~/.ssh/…).
 VOLUME ["/config", "/data"]
+
+# The web view and /metrics (off unless web.enabled: true in the config, or -e MQI_WEB__ENABLED=true).
+# Inside the container it binds 0.0.0.0 (MQI_WEB__BIND above) so a published port reaches it;
+# publish it on the host's loopback or behind a reverse proxy: -p 127.0.0.1:8470:8470.
+EXPOSE 8470
 
 # healthy while the config is valid and the database is readable (the service's own status command)
 HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \

@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--no-ui", action="store_true", help="headless: JSON log lines on stdout")
     demo.add_argument(
+        "--web",
+        type=int,
+        metavar="PORT",
+        default=None,
+        help="also serve the web view on http://127.0.0.1:PORT/ (sign-in token in WORKDIR/web-token)",
+    )
+    demo.add_argument(
         "--exit-when-done",
         action="store_true",
         help="stop when every case has finished; exit 0 only if all completed",
@@ -360,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 headless=args.no_ui,
                 exit_when_done=args.exit_when_done,
                 clean=args.clean,
+                web_port=args.web,
             )
         )
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -398,6 +399,79 @@ class NotifySettings(_Section):
         return self
 
 
+#: `scrypt$<log2 n>$<r>$<p>$<salt b64>$<hash b64>`, as `python -m mqi_async.web.hash_token` prints
+_SECRET_HASH = r"^scrypt\$\d{1,2}\$\d{1,2}\$\d{1,2}\$[A-Za-z0-9+/=_-]{16,}\$[A-Za-z0-9+/=_-]{16,}$"
+WebName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")]
+
+
+def _check_secret_hash(v: SecretStr) -> SecretStr:
+    if not re.fullmatch(_SECRET_HASH, v.get_secret_value()):
+        raise ValueError(
+            "must be a hash made by `python -m mqi_async.web.hash_token` (scrypt$...),"
+            " never the token or password itself"
+        )
+    return v
+
+
+class WebTokenSettings(_Section):
+    """An API or login token: its holder's name and the token's hash (never the token)."""
+
+    name: WebName
+    hash: SecretStr
+
+    @field_validator("hash")
+    @classmethod
+    def _hashed(cls, v: SecretStr) -> SecretStr:
+        return _check_secret_hash(v)
+
+
+class WebUserSettings(_Section):
+    """A person who may log in with a password (stored as its hash)."""
+
+    name: WebName
+    password_hash: SecretStr
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hashed(cls, v: SecretStr) -> SecretStr:
+        return _check_secret_hash(v)
+
+
+class WebSettings(_Section):
+    """The web view and /metrics in the service's own process (README "Web view and metrics")."""
+
+    enabled: bool = False
+    #: 127.0.0.1: this machine only; 0.0.0.0 inside a container (its port published)
+    bind: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    port: Port = 8470
+    #: how often open pages fetch fresh rows
+    refresh_seconds: Annotated[float, Field(ge=0.5, le=3600)] = 5
+    #: who may retry, cancel and re-run checks; with neither, the view is read-only
+    tokens: list[WebTokenSettings] = []
+    users: list[WebUserSettings] = []
+    #: true: every page (not /metrics or /healthz) needs a sign-in, since case ids are
+    #: patient ids; false: anyone who reaches the port sees the cases
+    login_to_view: bool = False
+    #: a login lasts this long
+    session_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 12
+    #: requests served per second at most, all clients together (the engine shares the loop);
+    #: more wait their turn, and get 503 past a few seconds
+    max_requests_per_second: Annotated[float, Field(gt=0, le=10_000)] = 20
+    #: true behind an HTTPS reverse proxy: the session cookie is sent over HTTPS only
+    cookie_secure: bool = False
+    #: the origin people use behind a reverse proxy (https://mqi.hospital.example), checked
+    #: against a form's Origin; empty: the Host the browser asked for
+    public_origin: str = ""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> WebSettings:
+        names = [t.name for t in self.tokens] + [u.name for u in self.users]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"token and user names must be unique: {', '.join(dupes)}")
+        return self
+
+
 def default_moqui() -> dict[str, str | int | float | bool]:
     return {
         "RandomSeed": -1932780356,
@@ -458,6 +532,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     qa: QaSettings = QaSettings()
     notify: NotifySettings = NotifySettings()
+    web: WebSettings = WebSettings()
 
     #: folder of the config file; relative paths were resolved against it
     config_dir: Path = Field(default=Path("."), exclude=True)

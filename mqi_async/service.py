@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mqi_async.config import (
+    IGNORE_HOST_KEYS,
     LocalHostSettings,
     Settings,
     SimulatedHostSettings,
@@ -46,6 +47,9 @@ from mqi_async.report.model import report_settings
 from mqi_async.store import Store
 from mqi_async.store.secret import load_or_create_secret
 from mqi_async.tools import DoseWorker, LocalToolRunner, Tools
+
+if TYPE_CHECKING:
+    from mqi_async.web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +198,49 @@ class Service:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     retention: RetentionSweeper | None = None
     notifier: Notifier | None = None
+    #: the web view and /metrics (web.enabled)
+    web: WebServer | None = None
 
     def request_stop(self) -> None:
         self.state = "stopping"
         self.stopping.set()
+
+
+def host_states(service: Service) -> dict[str, str]:
+    """Each host as the engine sees it now, in the dashboard's words: "connected", or
+    "paused (<error>)"; "UNVERIFIED" where host keys are not checked (known_hosts: ignore)."""
+    unverified = {
+        h.name
+        for h in service.settings.hosts
+        if getattr(h, "known_hosts", None) == IGNORE_HOST_KEYS
+    }
+    out = {}
+    for name, host in service.hosts.items():
+        err = service.engine.host_errors.get(name)
+        state = (
+            "connected"
+            if host.is_available() and not err
+            else f"paused ({(err or 'connecting')[:40]})"
+        )
+        out[name] = f"{state} UNVERIFIED" if name in unverified else state
+    return out
+
+
+def build_web(service: Service, secret: bytes) -> WebServer:
+    """The web view over the service's store, with the engine's live view of hosts and health."""
+    from mqi_async.web import Health, WebServer, WebView
+
+    settings = service.settings
+    view = WebView(
+        settings.web,
+        store=service.store,
+        secret=secret,
+        work_directory=settings.work_directory,
+        hosts_state=lambda: host_states(service),
+        health=lambda: Health(service=service.state, database_error=service.engine.database_error),
+        started_at=service.started_at,
+    )
+    return WebServer(settings.web, view)
 
 
 async def _start_hosts(hosts: dict[str, Host]) -> None:
@@ -310,7 +353,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
                 )
 
         watcher = CaseWatcher(settings.scan_directory, settings.ingest, on_case, on_skipped)
-        yield Service(
+        service = Service(
             settings=settings,
             store=store,
             engine=engine,
@@ -320,6 +363,9 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             retention=retention,
             notifier=notifier,
         )
+        if settings.web.enabled:
+            service.web = build_web(service, secret)
+        yield service
     finally:
         if notifier is not None:
             await notifier.aclose()
@@ -357,6 +403,11 @@ async def run_until_stopped(
                 if service.notifier is not None
                 else None
             )
+            web_task = (
+                tg.create_task(_supervised("web server", service.web.run))
+                if service.web is not None
+                else None
+            )
             service.state = "running"
             log.info(
                 "mqi-async running: %d host(s), scan %s",
@@ -367,7 +418,14 @@ async def run_until_stopped(
             log.info(
                 "stopping: intake closed, remote runs continue and are re-attached at the next start"
             )
-            for task in (watcher_task, engine_task, ui_task, retention_task, notifier_task):
+            for task in (
+                watcher_task,
+                engine_task,
+                ui_task,
+                retention_task,
+                notifier_task,
+                web_task,
+            ):
                 if task is not None:
                     task.cancel()
     except Exception as exc:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from mqi_async.config import (
     GpuSettings,
@@ -19,6 +22,8 @@ from mqi_async.config import (
     RunsSettings,
     Settings,
     SimulatedHostSettings,
+    WebSettings,
+    WebTokenSettings,
 )
 from mqi_async.demo.cases import CaseSpec, DeliveryError, DeliveryErrorKind, write_case
 from mqi_async.domain.model import CaseStatus
@@ -41,6 +46,10 @@ class DemoOptions:
     run_seconds: float = 2.0
     #: write every delivery faithfully (no injected delivery errors)
     clean: bool = False
+    #: serve the web view on 127.0.0.1:<port>
+    web_port: int | None = None
+    #: the sign-in token for the web view's actions (`run_demo` makes one)
+    web_token: str | None = None
 
 
 def demo_settings(workdir: Path, options: DemoOptions) -> Settings:
@@ -59,8 +68,22 @@ def demo_settings(workdir: Path, options: DemoOptions) -> Settings:
         runs=RunsSettings(poll_seconds=0.5, timeout_seconds=300),
         retry=RetrySettings(max_attempts=3, backoff_initial_seconds=1, backoff_max_seconds=10),
         logging=LoggingSettings(directory=workdir / "logs"),
+        web=_web(options),
         config_dir=workdir,
     )
+
+
+def _web(options: DemoOptions) -> WebSettings:
+    if options.web_port is None:
+        return WebSettings()
+    from mqi_async.web.auth import make_hash
+
+    tokens = (
+        [WebTokenSettings(name="demo", hash=SecretStr(make_hash(options.web_token)))]
+        if options.web_token
+        else []
+    )
+    return WebSettings(enabled=True, port=options.web_port, refresh_seconds=2, tokens=tokens)
 
 
 #: the delivery errors of the demo's mix, by case number modulo 4 (case 1 delivers faithfully)
@@ -161,6 +184,10 @@ def run_demo(options: DemoOptions) -> int:
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="mqi-demo-"))
     workdir = workdir.expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    if options.web_port is not None and options.web_token is None:
+        token = secrets.token_urlsafe(24)
+        (workdir / "web-token").write_text(token + "\n")
+        options = replace(options, web_token=token)
     settings = demo_settings(workdir, options)
     handlers = configure_logging(
         level="INFO",
@@ -169,6 +196,12 @@ def run_demo(options: DemoOptions) -> int:
     )
     try:
         started = datetime.now(UTC)
+        if options.web_port is not None:
+            log.info(
+                "demo: web view on http://127.0.0.1:%d/ (sign in with the token in %s)",
+                options.web_port,
+                workdir / "web-token",
+            )
         code = asyncio.run(_run(settings, options))
         log.info(
             "demo finished in %.1f s; data in %s",

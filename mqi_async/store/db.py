@@ -56,6 +56,7 @@ from mqi_async.store.files import (
 from mqi_async.store.gpus import GpuRow, Gpus
 from mqi_async.store.hosts import HostRow, Hosts
 from mqi_async.store.leases import Leases
+from mqi_async.store.metrics import MetricsSnapshot, read_metrics
 from mqi_async.store.reports import Reports
 from mqi_async.store.runs import Runs
 from mqi_async.store.schema import migrate
@@ -67,6 +68,7 @@ from mqi_async.store.snapshot import (
     read_case_snapshot,
     read_dashboard_cases,
     read_snapshot,
+    status_document,
 )
 
 log = logging.getLogger(__name__)
@@ -783,6 +785,36 @@ class Store:
         """One treatment case as `status` shows it, and the moment of the read."""
         async with self.read() as tx:
             return await tx.case_snapshot(case_id), tx.at
+
+    async def metrics(self) -> MetricsSnapshot:
+        """Counts, verdicts and durations of the whole database for `/metrics`, in one read
+        of aggregate queries (see `metrics.read_metrics`)."""
+        async with self.read() as tx:
+            return await read_metrics(tx._session)
+
+    async def case_view(
+        self, case_id: str, *, events: int = 50
+    ) -> tuple[CaseSnapshot | None, list[EventRow], ReportRow | None]:
+        """One case, its newest events and its report row, in one read (the web's case page)."""
+        async with self.read() as tx:
+            case = await tx.case_snapshot(case_id)
+            if case is None:
+                return None, [], None
+            return (
+                case,
+                await tx.events.recent(events, case_id=case_id),
+                await tx.reports.get(case_id),
+            )
+
+    async def hosts_view(self) -> tuple[list[HostRow], list[GpuRow], list[LeaseRow]]:
+        """Hosts, GPU samples and leases in one read (the web's hosts page)."""
+        async with self.read() as tx:
+            return await tx.hosts.find(), await tx.gpus.find(None), await tx.leases.find()
+
+    async def status_document(self) -> dict[str, object]:
+        """The `status --json` document, `{"cases": [...]}`, from this store."""
+        async with self.read() as tx:
+            return status_document(await tx.snapshot())
 
     # -- reports ---------------------------------------------------------------------------
 
