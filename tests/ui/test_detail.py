@@ -173,9 +173,14 @@ async def test_the_detail_follows_the_store(clinic: Store, tmp_path: Path) -> No
         )
         record = detail(app).query_one("#detail-deliveries", DataTable)
         key = f"delivery:{late.delivery_id}"
-        for _ in range(100):
+        # until a refresh after the check (one between the two writes shows it pending)
+        for _ in range(200):
             await pilot.pause(0.05)
-            if key in record.rows and "conditional" in events(app):
+            if (
+                key in record.rows
+                and "conditional 90.0 %" in events(app)
+                and plain(record.get_cell("fraction:1", "verdict")) == "conditional"
+            ):
                 break
         keys = [str(k.value) for k in record.rows]
         assert keys.index(key) < keys.index("fraction:2")
