@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +46,18 @@ class DeliveryChecker:
     """Runs the pending delivery checks; `wake()` when new deliveries were recorded."""
 
     def __init__(
-        self, *, store: Store, tools: LocalTools, settings: DeliveryCheckerSettings
+        self,
+        *,
+        store: Store,
+        tools: LocalTools,
+        settings: DeliveryCheckerSettings,
+        on_checked: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._tools = tools
         self._s = settings
+        #: told after a pass that judged at least one delivery (the report follows)
+        self._on_checked = on_checked
         self._wake = asyncio.Event()
         #: delivery id -> loop time before which a failed check is not tried again
         self._not_before: dict[str, float] = {}
@@ -82,6 +90,8 @@ class DeliveryChecker:
                 and self._not_before.get(i.delivery.delivery_id, 0.0) <= loop.time()
             ]
             if not due:
+                if done:
+                    self._on_checked()
                 pending = {i.delivery.delivery_id for i in rows}
                 return [t for key, t in self._not_before.items() if key in pending]
             for item in due:

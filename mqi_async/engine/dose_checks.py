@@ -66,12 +66,15 @@ class DoseChecker:
         source: CaseSource,
         settings: DoseCheckSettings,
         on_planned_case: Callable[[str], None],
+        on_checked: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._tools = tools
         self._source = source
         self._s = settings
         self._on_planned_case = on_planned_case
+        #: told after a case's verdicts were written (the report follows)
+        self._on_checked = on_checked
         self._wake = asyncio.Event()
         #: case id -> loop time before which a failed gamma is not tried again
         self._not_before: dict[str, float] = {}
@@ -116,6 +119,7 @@ class DoseChecker:
         if references is None:
             return  # the reference is still being computed
         await self._judge(case, beams, references)
+        self._on_checked()
 
     # -- references ------------------------------------------------------------------------
 

@@ -111,18 +111,24 @@ class Engine:
             max_jobs=settings.max_jobs,
             request_sample=lambda h: self.pollers[h].poll_now(),
         )
-        self.deliveries = DeliveryChecker(store=store, tools=tools, settings=settings.deliveries)
+        self.reports = (
+            ReportWriter(store=store, tools=tools, settings=settings.reports)
+            if settings.reports is not None
+            else None
+        )
+        self.deliveries = DeliveryChecker(
+            store=store,
+            tools=tools,
+            settings=settings.deliveries,
+            on_checked=self._verdicts_changed,
+        )
         self.dose_checks = DoseChecker(
             store=store,
             tools=tools,
             source=source,
             settings=settings.dose_checks,
             on_planned_case=lambda _case_id: self.wake(),
-        )
-        self.reports = (
-            ReportWriter(store=store, tools=tools, settings=settings.reports)
-            if settings.reports is not None
-            else None
+            on_checked=self._verdicts_changed,
         )
         self.cases = CaseWorkflow(
             store=store,
@@ -432,6 +438,11 @@ class Engine:
             self.scheduler.wake()
             return f"priority of {case_id} is now {priority}"
         raise MqiError("internal_error", f"unknown command {kind}")
+
+    def _verdicts_changed(self) -> None:
+        """New verdicts: a report may be due now rather than at its next poll."""
+        if self.reports is not None:
+            self.reports.wake()
 
     async def _recheck(self, case_id: str) -> str:
         """The case's delivery and dose checks run again (the MC doses are kept); the report

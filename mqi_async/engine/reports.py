@@ -27,7 +27,8 @@ class ReportWriterSettings:
     max_attempts: int = 3
     backoff_initial_s: float = 30.0
     backoff_max_s: float = 600.0
-    idle_poll_s: float = 5.0
+    #: the safety net: verdicts wake the writer (one pass reads every finished case)
+    idle_poll_s: float = 60.0
 
 
 class ReportWriter:
