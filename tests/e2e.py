@@ -161,7 +161,8 @@ async def running_service(settings: Settings) -> AsyncIterator[Service]:
     async with open_service(settings) as service:
         task = asyncio.create_task(run_until_stopped(service, None))
         try:
-            await asyncio.wait_for(service.engine.ready.wait(), 30)
+            # generous: a loaded 2-core machine starts slowly
+            await asyncio.wait_for(service.engine.ready.wait(), 60)
             yield service
         finally:
             service.request_stop()

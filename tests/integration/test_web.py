@@ -11,7 +11,6 @@ Skipped when chromium, chromedriver or selenium are missing, unless MQI_TEST_REQ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import socket
 import sys
 import time
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,8 +30,9 @@ from pydantic import SecretStr
 from mqi_async.config import Settings, WebSettings, WebTokenSettings
 from mqi_async.demo.runner import DemoOptions, demo_settings, feed_cases
 from mqi_async.domain.verdict import QaStatus
-from mqi_async.service import Service, open_service, run_until_stopped
+from mqi_async.service import Service
 from mqi_async.web.auth import make_hash
+from tests.e2e import running_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -159,18 +159,6 @@ def _settings(root: Path, port: int, *, cases: int) -> tuple[Settings, DemoOptio
     return base.model_copy(update={"web": web}), options
 
 
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Service]:
-    async with open_service(settings) as service:
-        task = asyncio.create_task(run_until_stopped(service, None))
-        try:
-            await asyncio.wait_for(service.engine.ready.wait(), 60)
-            yield service
-        finally:
-            service.request_stop()
-            await asyncio.wait_for(task, 30)
-
-
 async def _status_json(settings: Settings) -> dict[str, Any]:
     """`mqi-async status --json`, the command itself, beside the running service."""
     config = settings.database.parent / "status.yaml"
@@ -205,7 +193,7 @@ async def test_the_web_view_in_a_real_browser_while_the_demo_runs(tmp_path: Path
     downloads.mkdir()
     browser = await asyncio.to_thread(Browser, chromium, driver, downloads)
     try:
-        async with running(settings) as service:
+        async with running_service(settings) as service:
             await until(lambda: _up(base), "the web server")
 
             # 1. the list, empty, then filling and changing without a reload
@@ -346,7 +334,7 @@ async def test_a_web_server_that_cannot_bind_never_stops_the_engine(
     blocker.bind(("127.0.0.1", port))
     blocker.listen()
     try:
-        async with running(settings) as service:
+        async with running_service(settings) as service:
             await feed_cases(settings.scan_directory, options)
 
             async def case_done() -> bool:
