@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -189,36 +190,27 @@ def _figures(data: ReportData, qa: QaSettings, problems: list[str]) -> list[Repo
             log.warning("report: %s not drawn: %s", what, exc)
             problems.append(f"{what}: not drawn ({exc})")
 
-    for b in data.beams:
-        if b.qa is None or not b.qa.result:
+    dose_pages = [
+        (f"Beam {b.beam.beam_name or b.beam.beam_id} (#{b.beam.beam_number})", b.qa, b.gamma_map)
+        for b in data.beams
+    ]
+    dose_pages.append(("Plan sum", data.case.plan_qa, data.plan_gamma_map))
+    for name, check, gamma_map in dose_pages:
+        if check is None or not check.result:
             continue
-        status, words = verdict_line(b.qa)
-        title = f"Beam {b.beam.beam_name or b.beam.beam_id} (#{b.beam.beam_number}): {status}"
-        result = b.qa.result
+        status, words = verdict_line(check)
+        title = f"{name}: {status}"
+        result = check.result
         attempt(
             title,
-            lambda t=title, r=result, g=b.gamma_map, w=words: _dose_page(  # type: ignore[misc]
-                t, r.get("reference"), r.get("evaluated"), g, qa, w
+            partial(
+                _dose_page, title, result.get("reference"), result.get("evaluated"), gamma_map,
+                qa, words,
             ),
-        )
-    plan = data.case.plan_qa
-    if plan is not None and plan.result:
-        status, words = verdict_line(plan)
-        title = f"Plan sum: {status}"
-        attempt(
-            title,
-            lambda: _dose_page(
-                title,
-                plan.result.get("reference") if plan.result else None,
-                plan.result.get("evaluated") if plan.result else None,
-                data.plan_gamma_map,
-                qa,
-                words,
-            ),
-        )
+        )  # fmt: skip
     for d in data.deliveries:
         if d.row.qa_result:
-            attempt(f"delivery {d.row.folder}", lambda d=d: _delivery_page(data, d, qa))  # type: ignore[misc]
+            attempt(f"delivery {d.row.folder}", partial(_delivery_page, data, d, qa))
     return out
 
 

@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import sys
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from mqi_async.demo.runner import DemoOptions, demo_settings, feed_cases
 from mqi_async.domain.verdict import QaStatus
 from mqi_async.service import Service
 from mqi_async.web.auth import make_hash
-from tests.e2e import running_service
+from tests.e2e import running_service, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -125,16 +124,8 @@ class Browser:
 
 
 async def until(check: Callable[[], Any], what: str, timeout_s: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})")
+    """`wait_until` with the browser tests' longer default and a slower poll."""
+    return await wait_until(check, timeout_s=timeout_s, interval_s=0.3, what=what)
 
 
 def _free_port() -> int:
